@@ -29,8 +29,13 @@ def ours(folder: Path, batch_size: int, cache_dir: Path | None) -> tuple[float, 
     from routerretriever import DenseRetriever, Encoder, evaluate_retriever, load_beir
 
     start = time.perf_counter()
-    retriever = DenseRetriever(Encoder.load(), batch_size=batch_size, cache_dir=cache_dir,
-                               use_cache=cache_dir is not None, show_progress=False)
+    retriever = DenseRetriever(
+        Encoder.load(),
+        batch_size=batch_size,
+        cache_dir=cache_dir,
+        use_cache=cache_dir is not None,
+        show_progress=False,
+    )
     result = evaluate_retriever(retriever, load_beir(folder, "test"), ["ndcg@10", "recall@100"])
     return result.scores["ndcg@10"], time.perf_counter() - start
 
@@ -58,24 +63,42 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="our corpus-embedding cache (default: none, encode afresh)")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="our corpus-embedding cache (default: none, encode afresh)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     rows = []
-    print("| dataset | routerretriever nDCG@10 | BEIR nDCG@10 | diff | within 0.002 | ours s | BEIR s |")
+    print(
+        "| dataset | routerretriever nDCG@10 | BEIR nDCG@10 | diff | within 0.002 | ours s | BEIR s |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name in args.datasets.split(","):
         folder = args.data / DATASETS[name]
         a, ta = ours(folder, args.batch_size, args.cache_dir)
         b, tb = beir_toolkit(folder, args.batch_size)
         ok = abs(a - b) <= 0.002
-        rows.append({"dataset": name, "ours": a, "beir": b, "diff": a - b, "ok": ok,
-                     "ours_s": ta, "beir_s": tb})
-        print(f"| {name} | {a:.4f} | {b:.4f} | {a - b:+.4f} | {'yes' if ok else 'NO'} "
-              f"| {ta:.0f} | {tb:.0f} |", flush=True)
+        rows.append(
+            {
+                "dataset": name,
+                "ours": a,
+                "beir": b,
+                "diff": a - b,
+                "ok": ok,
+                "ours_s": ta,
+                "beir_s": tb,
+            }
+        )
+        print(
+            f"| {name} | {a:.4f} | {b:.4f} | {a - b:+.4f} | {'yes' if ok else 'NO'} "
+            f"| {ta:.0f} | {tb:.0f} |",
+            flush=True,
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

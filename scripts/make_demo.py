@@ -37,7 +37,9 @@ def main() -> None:
         split_qrels: dict[str, dict[str, dict[str, int]]] = {}
         for split, n in splits.items():
             qrels = load_qrels(folder, split)
-            qids = sorted(q for q in qrels if q in queries and any(s > 0 for s in qrels[q].values()))
+            qids = sorted(
+                q for q in qrels if q in queries and any(s > 0 for s in qrels[q].values())
+            )
             rng.shuffle(qids)
             split_qrels[split] = {}
             for qid in qids[:n]:
@@ -55,7 +57,9 @@ def main() -> None:
         with open(out / "corpus.jsonl", "w") as f:
             for doc_id, doc in corpus.items():
                 if doc_id in keep:
-                    f.write(json.dumps({"_id": doc_id, "title": doc.title, "text": doc.text}) + "\n")
+                    f.write(
+                        json.dumps({"_id": doc_id, "title": doc.title, "text": doc.text}) + "\n"
+                    )
         with open(out / "queries.jsonl", "w") as f:
             for qid, text in kept_queries.items():
                 f.write(json.dumps({"_id": qid, "text": text}) + "\n")

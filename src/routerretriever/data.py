@@ -79,9 +79,13 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"not valid JSON ({e.msg} at column {e.colno})", path, lineno) from None
+                    raise DataError(
+                        f"not valid JSON ({e.msg} at column {e.colno})", path, lineno
+                    ) from None
                 if not isinstance(obj, dict):
-                    raise DataError(f"expected a JSON object, got {type(obj).__name__}", path, lineno)
+                    raise DataError(
+                        f"expected a JSON object, got {type(obj).__name__}", path, lineno
+                    )
                 yield lineno, obj
         except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
             raise DataError(f"cannot be read as UTF-8 JSON lines: {e}", path) from None
@@ -95,7 +99,9 @@ def _get_id(obj: Mapping[str, Any], path: Path, lineno: int, seen: dict[str, int
         raise DataError(f'"_id" must be a string, got {type(raw).__name__}', path, lineno)
     doc_id = str(raw)
     if doc_id in seen:
-        raise DataError(f"duplicate _id {doc_id!r} (first seen on line {seen[doc_id]})", path, lineno)
+        raise DataError(
+            f"duplicate _id {doc_id!r} (first seen on line {seen[doc_id]})", path, lineno
+        )
     seen[doc_id] = lineno
     return doc_id
 
@@ -173,7 +179,9 @@ def load_qrels(folder: str | Path, split: str = "test") -> Qrels:
             except ValueError:
                 if lineno == 1:  # the header row
                     continue
-                raise DataError(f"score must be an integer, got {raw_score!r}", path, lineno) from None
+                raise DataError(
+                    f"score must be an integer, got {raw_score!r}", path, lineno
+                ) from None
             qrels.setdefault(query_id, {})[doc_id] = score
     if not qrels:
         raise DataError("no judgments in this qrels file", path)
@@ -207,7 +215,9 @@ def load_beir(folder: str | Path, split: str = "test") -> BeirDataset:
         for qid in missing_queries:
             del qrels[qid]
         if not qrels:
-            raise DataError(f"none of the judged queries of split {split!r} is in queries.jsonl", folder)
+            raise DataError(
+                f"none of the judged queries of split {split!r} is in queries.jsonl", folder
+            )
     missing_docs = sum(1 for rels in qrels.values() for doc_id in rels if doc_id not in corpus)
     if missing_docs:
         logger.warning(

@@ -144,8 +144,14 @@ class Encoder:
         (2, 384)
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, settings: EncoderSettings,
-                 model_path: Path, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        settings: EncoderSettings,
+        model_path: Path,
+        device: str = "cpu",
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings
@@ -171,15 +177,22 @@ class Encoder:
         """
         from transformers import AutoModel, AutoTokenizer
 
-        folder = _resolve_folder(str(name_or_path) if name_or_path is not None else default_model_path())
+        folder = _resolve_folder(
+            str(name_or_path) if name_or_path is not None else default_model_path()
+        )
         if not (folder / "config.json").is_file():
             raise ModelError(f"{folder}: no config.json; not a Hugging Face model folder")
         if not list(folder.glob("*.safetensors")):
-            pickled = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+            pickled = [
+                p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")
+            ]
             raise ModelError(
                 f"{folder}: no *.safetensors weights"
-                + (f" (found {pickled}: pickle formats are refused; convert them to safetensors)"
-                   if pickled else "")
+                + (
+                    f" (found {pickled}: pickle formats are refused; convert them to safetensors)"
+                    if pickled
+                    else ""
+                )
             )
         st = _read_st_settings(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -209,8 +222,11 @@ class Encoder:
         """Identifies the base weights and encoding settings: equal fingerprints, equal vectors."""
         if self._fingerprint is None:
             payload = json.dumps(
-                {"weights": _weights_digest(self.model_path), "settings": asdict(self.settings),
-                 "version": _FINGERPRINT_VERSION},
+                {
+                    "weights": _weights_digest(self.model_path),
+                    "settings": asdict(self.settings),
+                    "version": _FINGERPRINT_VERSION,
+                },
                 sort_keys=True,
             )
             self._fingerprint = hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -219,8 +235,12 @@ class Encoder:
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, truncated to ``max_length``, unpadded."""
         out = self.tokenizer(
-            list(texts), truncation=True, max_length=self.settings.max_length,
-            padding=False, return_attention_mask=False, return_token_type_ids=False,
+            list(texts),
+            truncation=True,
+            max_length=self.settings.max_length,
+            padding=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
         )
         return out["input_ids"]
 
@@ -252,9 +272,13 @@ class Encoder:
             emb = torch.nn.functional.normalize(emb, p=2, dim=-1)
         return emb
 
-    def forward(self, batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None) -> torch.Tensor:
+    def forward(
+        self, batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None
+    ) -> torch.Tensor:
         """Embed one collated batch with ``model`` (default: the base model); keeps autograd."""
-        out = (model or self.model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out = (model or self.model)(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        )
         return self.pool(out.last_hidden_state, batch["attention_mask"])
 
     def encode(

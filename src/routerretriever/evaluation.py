@@ -99,5 +99,7 @@ def evaluate(
             for qid in run:
                 per_query[qid][name] = out[qid]["recip_rank"]
     n = len(per_query)
-    scores = {name: (sum(q[name] for q in per_query.values()) / n if n else 0.0) for name, *_ in parsed}
+    scores = {
+        name: (sum(q[name] for q in per_query.values()) / n if n else 0.0) for name, *_ in parsed
+    }
     return EvalResult(scores=scores, per_query=per_query)

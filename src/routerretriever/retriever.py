@@ -25,11 +25,11 @@ logger = logging.getLogger(__name__)
 class DenseRetriever:
     """Base-model retriever; queries and documents both embedded by ``encoder``.
 
-    Example:
-        >>> r = DenseRetriever(Encoder.load())
-        >>> r.index_corpus({"d1": Document("Cats purr."), "d2": Document("Rockets fly.")})
-        >>> r.search({"q": "felines"}, k=1)
-        {'q': {'d1': 0.5...}}
+    Example::
+
+        r = DenseRetriever(Encoder.load())
+        r.index_corpus({"d1": Document("Cats purr."), "d2": Document("Rockets fly.")})
+        r.search({"q": "felines"}, k=1)   # {'q': {'d1': <cosine>}}
     """
 
     def __init__(
@@ -49,25 +49,45 @@ class DenseRetriever:
         self.index: VectorIndex | None = None
         self.corpus_from_cache: bool | None = None
 
-    def encode_queries(self, queries: Sequence[str], batch_size: int | None = None,
-                       **kwargs: Any) -> np.ndarray:
+    def encode_queries(
+        self, queries: Sequence[str], batch_size: int | None = None, **kwargs: Any
+    ) -> np.ndarray:
         """Query embeddings ``(n, dim)``; BEIR's ``DenseRetrievalExactSearch`` calls this too."""
-        return self.encoder.encode(queries, batch_size=batch_size or self.batch_size,
-                                   show_progress=self.show_progress, desc="queries")
+        return self.encoder.encode(
+            queries,
+            batch_size=batch_size or self.batch_size,
+            show_progress=self.show_progress,
+            desc="queries",
+        )
 
-    def encode_corpus(self, corpus: Sequence[Mapping[str, str]] | Sequence[Document],
-                      batch_size: int | None = None, **kwargs: Any) -> np.ndarray:
+    def encode_corpus(
+        self,
+        corpus: Sequence[Mapping[str, str]] | Sequence[Document],
+        batch_size: int | None = None,
+        **kwargs: Any,
+    ) -> np.ndarray:
         """Document embeddings ``(n, dim)`` by the base model, from dicts or :class:`Document`s."""
-        docs = [d if isinstance(d, Document) else Document(d.get("text") or "", d.get("title") or "")
-                for d in corpus]
-        return self.encoder.encode([d.full_text for d in docs],
-                                   batch_size=batch_size or self.batch_size,
-                                   show_progress=self.show_progress, desc="corpus")
+        docs = [
+            d if isinstance(d, Document) else Document(d.get("text") or "", d.get("title") or "")
+            for d in corpus
+        ]
+        return self.encoder.encode(
+            [d.full_text for d in docs],
+            batch_size=batch_size or self.batch_size,
+            show_progress=self.show_progress,
+            desc="corpus",
+        )
 
     def index_corpus(self, corpus: Corpus) -> None:
         """Embed the corpus with the base model (through the on-disk cache) and index it."""
-        emb = embed_corpus(self.encoder, corpus, cache_dir=self.cache_dir, use_cache=self.use_cache,
-                           batch_size=self.batch_size, show_progress=self.show_progress)
+        emb = embed_corpus(
+            self.encoder,
+            corpus,
+            cache_dir=self.cache_dir,
+            use_cache=self.use_cache,
+            batch_size=self.batch_size,
+            show_progress=self.show_progress,
+        )
         self.corpus_from_cache = emb.cached
         self.index = FaissIndex.from_embeddings(emb.ids, emb.embeddings)
 

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +94,7 @@ def embed_corpus(
                     logger.info("re-using corpus embeddings from %s", path)
                     return CorpusEmbeddings(ids, emb.astype(np.float32, copy=False), cached=True)
                 logger.warning("%s does not match the corpus; re-encoding", path)
-            except (OSError, ValueError, KeyError) as e:
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
                 logger.warning("cannot read cached embeddings %s (%s); re-encoding", path, e)
     texts = [doc.full_text for doc in corpus.values()]
     emb = encoder.encode(texts, batch_size=batch_size, show_progress=show_progress, desc="corpus")

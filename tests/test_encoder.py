@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from routerretriever import Encoder, ModelError
+from routerretriever.encoder import default_model_path
+
+TEXTS = [
+    "Aspirin lowers the risk of heart attack.",
+    "The wing was tested in a supersonic wind tunnel at Mach 2.",
+    "short",
+    "Libraries classify books by subject " * 20,
+]
+
+
+def test_shape_dtype_and_normalised(encoder):
+    emb = encoder.encode(TEXTS)
+    assert emb.shape == (4, 384) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert encoder.settings.similarity == "cosine" and encoder.settings.max_length == 256
+
+
+def test_output_independent_of_order_and_batch_size(encoder):
+    emb = encoder.encode(TEXTS, batch_size=2)
+    rev = encoder.encode(TEXTS[::-1], batch_size=3)[::-1]
+    np.testing.assert_allclose(emb, rev, atol=1e-5)
+    np.testing.assert_array_equal(emb, encoder.encode(TEXTS, batch_size=2))  # deterministic
+
+
+def test_matches_sentence_transformers(encoder):
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(default_model_path(), device="cpu")
+    np.testing.assert_allclose(encoder.encode(TEXTS), st.encode(TEXTS), atol=1e-5)
+
+
+def test_empty_input(encoder):
+    assert encoder.encode([]).shape == (0, 384)
+
+
+def contriever_style_copy(tmp_path: Path) -> Path:
+    """The same weights without sentence-transformers files, as Contriever ships."""
+    src, dst = Path(default_model_path()), tmp_path / "plain"
+    dst.mkdir()
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
+        "special_tokens_map.json",
+    ):
+        (dst / name).symlink_to(src / name)
+    return dst
+
+
+def test_folder_without_st_config_means_mean_pooling_dot_product(tmp_path, encoder):
+    plain = Encoder.load(contriever_style_copy(tmp_path))
+    assert plain.settings.pooling == "mean"
+    assert plain.settings.normalize is False and plain.settings.similarity == "dot"
+    emb = plain.encode(TEXTS[:2])
+    assert not np.allclose(np.linalg.norm(emb, axis=1), 1.0)  # really unnormalised
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    np.testing.assert_allclose(unit, encoder.encode(TEXTS[:2]), atol=1e-5)
+    assert plain.fingerprint != encoder.fingerprint
+
+
+def test_overrides(tmp_path):
+    enc = Encoder.load(pooling="cls", normalize=False, max_length=8)
+    assert (enc.settings.pooling, enc.settings.normalize, enc.settings.max_length) == (
+        "cls",
+        False,
+        8,
+    )
+    assert enc.settings.similarity == "dot"
+    with pytest.raises(ValueError, match="pooling must be"):
+        Encoder.load(pooling="avg")  # type: ignore[arg-type]
+
+
+def test_pickle_only_folder_refused(tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    shutil.copy(Path(default_model_path()) / "config.json", folder / "config.json")
+    (folder / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ModelError, match=r"pytorch_model\.bin.*pickle formats are refused"):
+        Encoder.load(folder)
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        Encoder.load(tmp_path / "nope")

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from routerretriever import FaissIndex
+
+
+def brute_force(docs: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-(queries @ docs.T), axis=1, kind="stable")[:, :k]
+
+
+@pytest.mark.parametrize("n_docs,k", [(17, 5), (100, 17), (3, 10)])
+def test_matches_brute_force(n_docs, k):
+    rng = np.random.default_rng(n_docs)
+    docs = rng.standard_normal((n_docs, 8)).astype(np.float32)
+    queries = rng.standard_normal((7, 8)).astype(np.float32)
+    ids = [f"d{i}" for i in range(n_docs)]
+    index = FaissIndex(8)
+    for start in range(0, n_docs, 17 // 2):  # awkward chunks
+        index.add(ids[start : start + 8], docs[start : start + 8])
+    hits = index.search(queries, k)
+    expected = brute_force(docs, queries, k)
+    for row, row_hits in enumerate(hits):
+        assert [h[0] for h in row_hits] == [ids[j] for j in expected[row]]
+        np.testing.assert_allclose(
+            [h[1] for h in row_hits], (queries[row] @ docs[expected[row]].T), rtol=1e-5
+        )
+
+
+def test_query_own_id_is_not_a_hit():
+    docs = np.eye(4, dtype=np.float32)
+    index = FaissIndex.from_embeddings(["a", "b", "c", "d"], docs)
+    hits = index.search(docs[:2], k=2, exclude_ids=["a", "zzz"])
+    assert len(hits[0]) == 2 and "a" not in {h[0] for h in hits[0]}
+    assert hits[1][0][0] == "b"
+
+
+def test_errors():
+    index = FaissIndex(4)
+    with pytest.raises(ValueError, match=r"shape \(2, 4\)"):
+        index.add(["a", "b"], np.zeros((2, 3), dtype=np.float32))
+    index.add(["a"], np.zeros((1, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match="duplicate document id 'a'"):
+        index.add(["a"], np.zeros((1, 4), dtype=np.float32))
+    with pytest.raises(ValueError, match="k must be positive"):
+        index.search(np.zeros((1, 4), dtype=np.float32), 0)
+    assert FaissIndex(4).search(np.zeros((2, 4), dtype=np.float32), 3) == [[], []]

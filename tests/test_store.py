@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from routerretriever import DenseRetriever, Document, embed_corpus, evaluate_retriever, load_beir
+from routerretriever.store import atomic_write
+
+
+class CountingEncoder:
+    """The real encoder, counting how many texts it embeds."""
+
+    def __init__(self, encoder):
+        self._encoder, self.texts = encoder, 0
+
+    def __getattr__(self, name):
+        return getattr(self._encoder, name)
+
+    def encode(self, texts, **kwargs):
+        self.texts += len(texts)
+        return self._encoder.encode(texts, **kwargs)
+
+
+def test_second_evaluation_reuses_cached_corpus_embeddings(encoder, tiny, tmp_path):
+    ds = load_beir(tiny)
+    counting = CountingEncoder(encoder)
+    retriever = DenseRetriever(counting, cache_dir=tmp_path / "cache")
+    first = evaluate_retriever(retriever, ds)
+    assert counting.texts == len(ds.corpus) + len(ds.queries)
+    assert retriever.corpus_from_cache is False
+
+    counting.texts = 0
+    again = DenseRetriever(counting, cache_dir=tmp_path / "cache")
+    second = evaluate_retriever(again, load_beir(tiny))
+    assert counting.texts == len(ds.queries)  # only the queries were encoded
+    assert again.corpus_from_cache is True
+    assert second.scores == first.scores
+    assert len(list((tmp_path / "cache" / "corpus").glob("*.npz"))) == 1
+
+
+def test_changed_corpus_is_re_encoded(encoder, tmp_path):
+    corpus = {"a": Document("alpha"), "b": Document("beta")}
+    first = embed_corpus(encoder, corpus, cache_dir=tmp_path)
+    corpus["b"] = Document("gamma")
+    second = embed_corpus(encoder, corpus, cache_dir=tmp_path)
+    assert not second.cached
+    assert not np.allclose(first.embeddings[1], second.embeddings[1])
+    assert embed_corpus(encoder, corpus, cache_dir=tmp_path).cached
+
+
+def test_corrupt_cache_file_is_rebuilt(encoder, tmp_path, caplog):
+    corpus = {"a": Document("alpha"), "b": Document("beta")}
+    first = embed_corpus(encoder, corpus, cache_dir=tmp_path)
+    (path,) = (tmp_path / "corpus").glob("*.npz")
+    path.write_bytes(path.read_bytes()[:100])  # as if cut short
+    again = embed_corpus(encoder, corpus, cache_dir=tmp_path)
+    assert not again.cached and "re-encoding" in caplog.text
+    np.testing.assert_allclose(again.embeddings, first.embeddings, atol=1e-6)
+    assert embed_corpus(encoder, corpus, cache_dir=tmp_path).cached
+
+
+def test_killed_write_leaves_no_file(tmp_path: Path):
+    target = tmp_path / "x.npz"
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(b"half")
+        raise KeyboardInterrupt  # killed mid-write
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, write)
+    assert list(tmp_path.iterdir()) == []
