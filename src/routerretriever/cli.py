@@ -90,6 +90,78 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_expert(args: argparse.Namespace) -> int:
+    from routerretriever.encoder import Encoder
+    from routerretriever.experts import ExpertConfig, check_name
+    from routerretriever.training import TrainConfig, load_training_set, train_expert
+
+    check_name(args.name)
+    train = TrainConfig(
+        lr=args.lr,
+        batch_size=args.batch_size,
+        max_steps=args.max_steps,
+        hard_negatives=args.hard_negatives,
+        mine_skip=args.mine_skip,
+        eval_every=args.eval_every,
+        patience=args.patience,
+        seed=args.seed,
+    )
+    lora = ExpertConfig(
+        r=args.r,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        target_modules=tuple(args.target_modules.split(",")),
+    )
+    encoder = Encoder.load(args.model)
+    sets = [
+        load_training_set(
+            encoder,
+            folder,
+            split=None if args.from_corpus else args.split,
+            from_corpus=args.from_corpus,
+            dev_split=args.dev_split,
+            cache_dir=args.cache_dir,
+            seed=args.seed,
+        )
+        for folder in args.dataset
+    ]
+    info = train_expert(encoder, sets, args.name, args.out, lora, train)
+    print(f"expert {info.name} -> {args.out / info.name}")
+    print(
+        f"dev nDCG@10 {info.dev['ndcg@10']:.4f} (base {info.dev['base_ndcg@10']:.4f}), "
+        f"best step {info.training['best_step']} of {info.training['steps_run']}, "
+        f"{info.seconds:.0f} s, peak RSS {info.peak_rss_mb:.0f} MB"
+    )
+    return 0
+
+
+def cmd_experts_list(args: argparse.Namespace) -> int:
+    from routerretriever.experts import list_experts
+
+    rows = [
+        [
+            e.name,
+            f"{e.dev.get('ndcg@10', float('nan')):.4f}",
+            f"{e.dev.get('base_ndcg@10', float('nan')):.4f}",
+            f"{e.seconds:.0f}",
+            e.source,
+        ]
+        for e in list_experts(args.store)
+    ]
+    print(format_table(["expert", "dev nDCG@10", "base dev", "train s", "trained on"], rows))
+    return 0
+
+
+class TrainDefaults:
+    """The library's defaults, shown in --help (imported lazily to keep start-up fast)."""
+
+    def __init__(self) -> None:
+        from routerretriever.experts import ExpertConfig
+        from routerretriever.training import TrainConfig
+
+        self.train, self.lora = TrainConfig(), ExpertConfig()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="routerretriever", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -126,7 +198,74 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OUT",
         help="also write scores (with per-query values) to this JSON file",
     )
+    ev.add_argument(
+        "--expert",
+        type=Path,
+        default=None,
+        metavar="STORE/NAME",
+        help="embed queries with this expert (documents stay on the base model)",
+    )
     ev.set_defaults(func=cmd_evaluate)
+
+    defaults = TrainDefaults()
+    tr = sub.add_parser("train-expert", help="train a LoRA expert for one domain")
+    tr.add_argument("name")
+    tr.add_argument(
+        "--dataset",
+        type=Path,
+        required=True,
+        action="append",
+        metavar="DIR",
+        help="BEIR folder; repeat for a multi-task LoRA over several",
+    )
+    src = tr.add_mutually_exclusive_group()
+    src.add_argument("--split", default="train", help="labelled split to train on (default: train)")
+    src.add_argument(
+        "--from-corpus",
+        action="store_true",
+        help="train on pseudo-queries made from the corpus (no labels needed)",
+    )
+    tr.add_argument(
+        "--dev-split",
+        default=None,
+        help="split for early stopping (default: 'dev' if present, else held-out queries)",
+    )
+    tr.add_argument(
+        "--out",
+        type=Path,
+        default=Path("experts"),
+        metavar="STORE",
+        help="expert store folder (default: ./experts)",
+    )
+    tr.add_argument("--model", default=None, help="base model folder or hub id")
+    tr.add_argument("--cache-dir", type=Path, default=None)
+    for flag, typ in (
+        ("lr", float),
+        ("batch_size", int),
+        ("max_steps", int),
+        ("hard_negatives", int),
+        ("mine_skip", int),
+        ("eval_every", int),
+        ("patience", int),
+        ("seed", int),
+    ):
+        default = getattr(defaults.train, flag)
+        tr.add_argument(
+            "--" + flag.replace("_", "-"), type=typ, default=default, help=f"default: {default}"
+        )
+    for flag, typ in (("r", int), ("alpha", int), ("dropout", float)):
+        default = getattr(defaults.lora, flag)
+        tr.add_argument(
+            "--" + flag, type=typ, default=default, help=f"LoRA {flag} (default: {default})"
+        )
+    tr.add_argument("--target-modules", default=",".join(defaults.lora.target_modules))
+    tr.set_defaults(func=cmd_train_expert)
+
+    ex = sub.add_parser("experts", help="inspect an expert store")
+    ex_sub = ex.add_subparsers(dest="experts_command", required=True)
+    ls = ex_sub.add_parser("list", help="list the experts in a store")
+    ls.add_argument("store", type=Path)
+    ls.set_defaults(func=cmd_experts_list)
     return parser
 
 

@@ -37,6 +37,7 @@ _ST_POOLING_KEYS = {
 }
 _FINGERPRINT_VERSION = 1  # bump when encoding semantics change, to invalidate cached embeddings
 _TOKENIZE_CHUNK = 16384  # texts tokenised and length-sorted at a time, to bound memory
+BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 
 def default_model_path() -> str:
@@ -158,6 +159,7 @@ class Encoder:
         self.model_path = model_path
         self.device = torch.device(device)
         self._fingerprint: str | None = None
+        self._peft: Any = None  # a peft.PeftModel over ``model`` once an expert is loaded
 
     @classmethod
     def load(
@@ -218,6 +220,11 @@ class Encoder:
         return int(self.model.config.hidden_size)
 
     @property
+    def weights_fingerprint(self) -> str:
+        """Identifies the base weights alone (what an expert was trained on top of)."""
+        return _weights_digest(self.model_path)[:16]
+
+    @property
     def fingerprint(self) -> str:
         """Identifies the base weights and encoding settings: equal fingerprints, equal vectors."""
         if self._fingerprint is None:
@@ -272,13 +279,59 @@ class Encoder:
             emb = torch.nn.functional.normalize(emb, p=2, dim=-1)
         return emb
 
+    # -- experts (LoRA adapters on the query side) -------------------------------------------
+
+    @property
+    def experts(self) -> list[str]:
+        """Names of the experts loaded on this base model."""
+        return [] if self._peft is None else sorted(self._peft.peft_config)
+
+    def add_adapter(self, name: str, folder: str | os.PathLike[str]) -> None:
+        """Load a PEFT adapter folder as expert ``name`` (validation lives in ``experts.py``)."""
+        from peft import PeftModel
+
+        if name in self.experts:
+            raise ValueError(f"an expert named {name!r} is already loaded; remove it first")
+        if name == BASE:
+            raise ValueError(f"{BASE!r} is reserved for the base model")
+        if self._peft is None:
+            self._peft = PeftModel.from_pretrained(
+                self.model, str(folder), adapter_name=name, is_trainable=False
+            )
+        else:
+            self._peft.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+        self._peft.eval().requires_grad_(False)
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload expert ``name``; the base model's own weights are untouched throughout."""
+        if name not in self.experts:
+            raise ValueError(f"unknown expert {name!r}; loaded: {self.experts}")
+        if len(self.experts) == 1:
+            self.model = self._peft.unload()  # removes the LoRA layers, restoring plain modules
+            self._peft = None
+        else:
+            self._peft.delete_adapter(name)
+
     def forward(
-        self, batch: dict[str, torch.Tensor], model: torch.nn.Module | None = None
+        self,
+        batch: dict[str, torch.Tensor],
+        model: torch.nn.Module | None = None,
+        experts: Sequence[str | None] | None = None,
     ) -> torch.Tensor:
-        """Embed one collated batch with ``model`` (default: the base model); keeps autograd."""
-        out = (model or self.model)(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        )
+        """Embed one collated batch ``(B, L)`` to ``(B, d)``; keeps autograd.
+
+        ``model`` swaps in another module (training does this); ``experts`` names, per row, the
+        loaded expert to apply (``None``: the base model), in one mixed-batch LoRA pass.
+        """
+        kwargs: dict[str, Any] = {}
+        net = model if model is not None else self.model
+        if model is None and self._peft is not None:
+            net = self._peft  # LoRA layers sit inside the base model: always say which to use
+            names = [None] * len(batch["input_ids"]) if experts is None else experts
+            kwargs["adapter_names"] = [BASE if e is None else e for e in names]
+        elif experts is not None and any(e is not None for e in experts):
+            raise ValueError(f"no experts loaded; got {sorted({e for e in experts if e})}")
+        out = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
         return self.pool(out.last_hidden_state, batch["attention_mask"])
 
     def encode(
@@ -288,6 +341,7 @@ class Encoder:
         batch_size: int = 32,
         show_progress: bool | None = None,
         model: torch.nn.Module | None = None,
+        experts: str | Sequence[str | None] | None = None,
         desc: str = "encoding",
     ) -> np.ndarray:
         """Embed texts: ``float32`` array ``(len(texts), dim)``, rows in input order.
@@ -295,14 +349,24 @@ class Encoder:
         Texts are sorted by token length so each batch pads little; the output does not depend
         on the input order beyond that. ``show_progress=None`` shows a bar on a terminal only.
         ``model`` swaps in another module with the same interface (e.g. the base plus a LoRA).
+        ``experts`` applies a loaded expert to every text (a name) or per text (a list, ``None``
+        meaning the base model), in mixed batches.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         texts = list(texts)
+        per_text: list[str | None] | None = None
+        if experts is not None:
+            per_text = [experts] * len(texts) if isinstance(experts, str) else list(experts)
+            if len(per_text) != len(texts):
+                raise ValueError(f"experts has {len(per_text)} entries for {len(texts)} texts")
+            unknown = sorted({e for e in per_text if e is not None} - set(self.experts))
+            if unknown:
+                raise ValueError(f"unknown expert(s) {unknown}; loaded: {self.experts}")
         out = np.empty((len(texts), self.dim), dtype=np.float32)  # (n, d)
         if not texts:
             return out
-        net = model or self.model
+        net = model if model is not None else (self._peft or self.model)
         was_training = net.training
         net.eval()
         disable = None if show_progress is None else not show_progress  # None: only on a TTY
@@ -315,7 +379,9 @@ class Encoder:
                     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
                     for b in range(0, len(order), batch_size):
                         rows = order[b : b + batch_size]
-                        emb = self.forward(self.collate([ids[i] for i in rows]), net)  # (B, d)
+                        names = None if per_text is None else [per_text[start + i] for i in rows]
+                        batch = self.collate([ids[i] for i in rows])
+                        emb = self.forward(batch, model, names)  # (B, d)
                         out[[start + i for i in rows]] = emb.float().cpu().numpy()
                         bar.update(len(rows))
         finally:

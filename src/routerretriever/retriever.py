@@ -36,12 +36,16 @@ class DenseRetriever:
         self,
         encoder: Encoder,
         *,
+        expert: str | None = None,
         batch_size: int = 32,
         cache_dir: str | Path | None = None,
         use_cache: bool = True,
         show_progress: bool | None = None,
     ) -> None:
+        if expert is not None and expert not in encoder.experts:
+            raise ValueError(f"unknown expert {expert!r}; loaded: {encoder.experts}")
         self.encoder = encoder
+        self.expert = expert
         self.batch_size = batch_size
         self.cache_dir = cache_dir
         self.use_cache = use_cache
@@ -55,6 +59,7 @@ class DenseRetriever:
         """Query embeddings ``(n, dim)``; BEIR's ``DenseRetrievalExactSearch`` calls this too."""
         return self.encoder.encode(
             queries,
+            experts=self.expert,
             batch_size=batch_size or self.batch_size,
             show_progress=self.show_progress,
             desc="queries",

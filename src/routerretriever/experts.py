@@ -1,0 +1,167 @@
+"""Experts: PEFT LoRA adapters on the query side of the frozen base encoder, and their store.
+
+An expert is a folder ``STORE/NAME/`` holding a standard PEFT adapter (``adapter_config.json``
+and ``adapter_model.safetensors``, loadable by plain ``peft`` on top of the base model) and
+``expert.json`` (name, base-model fingerprint, training-data fingerprint, hyper-parameters, dev
+metrics, time taken). Folders are written under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from routerretriever.encoder import BASE, Encoder
+from routerretriever.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+METADATA = "expert.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+@dataclass
+class ExpertConfig:
+    """LoRA hyper-parameters (the paper's: r=8, alpha=32, dropout 0.1, on query and value)."""
+
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.1
+    target_modules: tuple[str, ...] = ("query", "value")
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"r must be a positive integer, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be positive, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("target_modules must name at least one module")
+        self.target_modules = tuple(self.target_modules)
+
+    def lora_config(self) -> Any:
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            bias="none",
+        )
+
+
+@dataclass
+class ExpertInfo:
+    """What ``expert.json`` records about an expert."""
+
+    name: str
+    base_model: str  # the base model folder or hub id it was trained on
+    base_fingerprint: str  # Encoder.weights_fingerprint of that model
+    data_fingerprint: str = ""
+    source: str = ""  # e.g. "beir/scifact train split" or "pseudo-queries from corpus"
+    lora: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    dev: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    version: int = 1
+
+    @classmethod
+    def read(cls, folder: Path) -> ExpertInfo:
+        path = folder / METADATA
+        if not path.is_file():
+            raise ModelError(f"{folder}: no {METADATA}; not an expert folder")
+        try:
+            raw = json.loads(path.read_text())
+            known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
+            return cls(**known)
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ModelError(f"{path}: unreadable expert metadata ({e})") from None
+
+
+def check_name(name: str) -> str:
+    """Expert names become folder and adapter names: keep them plain."""
+    if (
+        not name
+        or name == BASE
+        or not all(c.isalnum() or c in "-_." for c in name)
+        or name[0] == "."
+    ):
+        raise ValueError(
+            f"invalid expert name {name!r}: use letters, digits, '-', '_' or '.', not starting "
+            f"with '.', and not {BASE!r}"
+        )
+    return name
+
+
+def check_folder(folder: str | Path, encoder: Encoder | None = None) -> ExpertInfo:
+    """Validate an expert folder: metadata, safetensors weights, and the base model it needs."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelError(f"expert folder {folder} does not exist")
+    info = ExpertInfo.read(folder)
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        hint = f" (found {pickled}: pickle formats are refused)" if pickled else ""
+        raise ModelError(f"{folder}: no {ADAPTER_WEIGHTS}{hint}")
+    if pickled:
+        raise ModelError(f"{folder}: contains pickle files {pickled}; refusing to load")
+    if encoder is not None and info.base_fingerprint != encoder.weights_fingerprint:
+        raise ModelError(
+            f"{folder}: expert {info.name!r} was trained on base model {info.base_model!r} "
+            f"(fingerprint {info.base_fingerprint}), but the loaded base model "
+            f"{str(encoder.model_path)!r} has fingerprint {encoder.weights_fingerprint}"
+        )
+    return info
+
+
+def load_expert(encoder: Encoder, folder: str | Path, name: str | None = None) -> ExpertInfo:
+    """Load an expert folder onto ``encoder`` (under its own name unless ``name`` is given)."""
+    info = check_folder(folder, encoder)
+    encoder.add_adapter(check_name(name or info.name), folder)
+    return info
+
+
+def list_experts(store: str | Path) -> list[ExpertInfo]:
+    """The experts in a store folder, by name; folders that are not experts are skipped."""
+    store = Path(store)
+    if not store.is_dir():
+        raise ModelError(f"expert store {store} does not exist")
+    out = []
+    for sub in sorted(store.iterdir()):
+        if sub.is_dir() and not sub.name.startswith(".") and (sub / METADATA).is_file():
+            out.append(ExpertInfo.read(sub))
+    return out
+
+
+def write_expert_folder(target: Path, write: Callable[[Path], None], info: ExpertInfo) -> Path:
+    """Write an expert into ``target`` atomically: ``write(tmp)`` fills a temp folder, then rename.
+
+    An existing expert of the same name is replaced only once the new one is complete.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        write(tmp)
+        (tmp / METADATA).write_text(json.dumps(asdict(info), indent=2) + "\n")
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

@@ -1,0 +1,381 @@
+"""Train a LoRA expert on the query side against cached, frozen document embeddings.
+
+The document side never changes (documents are always embedded by the base model), so its
+embeddings come from the corpus store and only queries run forward and backward. That makes big
+batches and mined hard negatives cheap on a CPU. A document judged relevant to a query is never
+a negative for it, in the batch or among the mined ones. Early stopping on a dev set keeps the
+best checkpoint; the dev set is never the test split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import resource
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from routerretriever.data import Qrels, Queries, available_splits, load_beir, load_corpus
+from routerretriever.encoder import Encoder
+from routerretriever.evaluation import evaluate
+from routerretriever.experts import ExpertConfig, ExpertInfo, check_name, write_expert_folder
+from routerretriever.index import FaissIndex
+from routerretriever.losses import contrastive_loss
+from routerretriever.pseudo import PseudoQueryConfig, make_pseudo_queries
+from routerretriever.store import corpus_fingerprint, embed_corpus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings. ``lr`` is the paper's; pick yours by the dev set (see docs)."""
+
+    lr: float = 1e-4
+    batch_size: int = 32
+    max_steps: int = 300
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    temperature: float = 0.05
+    hard_negatives: int = 3  # mined negatives per query per step (0: in-batch only)
+    mine_depth: int = 30  # pool of mined negatives: base-model ranks [mine_skip, mine_skip+depth)
+    mine_skip: int = 0  # skip the top ranks, where unjudged relevant documents hide
+    eval_every: int = 20
+    patience: int = 5  # evaluations without improvement before stopping
+    max_query_length: int | None = 128
+    grad_clip: float = 1.0
+    seed: int = 0
+    keep_best: bool = True  # restore the best dev checkpoint (False: keep the last step)
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_steps", "eval_every", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("hard_negatives", "mine_depth", "mine_skip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class TrainingSet:
+    """One domain's training queries and their positives, over that domain's cached corpus."""
+
+    name: str
+    queries: Queries
+    qrels: Qrels  # training judgments; score > 0 is a positive
+    dev_queries: Queries
+    dev_qrels: Qrels
+    doc_ids: list[str]
+    doc_emb: np.ndarray  # (N, d) base-model embeddings of the corpus
+    source: str = ""
+    fingerprint: str = ""
+    positives: dict[str, list[str]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        known = set(self.doc_ids)
+        self.positives = {
+            q: [d for d, s in rels.items() if s > 0 and d in known]
+            for q, rels in self.qrels.items()
+            if q in self.queries
+        }
+        self.positives = {q: p for q, p in self.positives.items() if p}
+        if not self.positives:
+            raise ValueError(f"training set {self.name!r}: no query has a positive in the corpus")
+        if not self.dev_qrels:
+            raise ValueError(f"training set {self.name!r}: empty dev set")
+
+
+def _split_off_dev(
+    queries: Queries, qrels: Qrels, fraction: float, max_dev: int, seed: int
+) -> tuple[Queries, Qrels, Queries, Qrels]:
+    qids = sorted(q for q in qrels if q in queries)
+    random.Random(seed).shuffle(qids)
+    n_dev = max(1, min(max_dev, int(len(qids) * fraction)))
+    dev, train = set(qids[:n_dev]), qids[n_dev:]
+    return (
+        {q: queries[q] for q in train},
+        {q: qrels[q] for q in train},
+        {q: queries[q] for q in dev},
+        {q: qrels[q] for q in dev},
+    )
+
+
+def load_training_set(
+    encoder: Encoder,
+    folder: str | Path,
+    *,
+    split: str | None = "train",
+    from_corpus: bool = False,
+    dev_split: str | None = None,
+    dev_fraction: float = 0.1,
+    max_dev: int = 200,
+    pseudo: PseudoQueryConfig | None = None,
+    cache_dir: str | Path | None = None,
+    seed: int = 0,
+) -> TrainingSet:
+    """A training set from a BEIR folder: its labelled ``split``, or pseudo-queries of its corpus.
+
+    The dev set is ``dev_split`` when given (or the folder's ``dev`` split, for labelled data),
+    else a held-out ``dev_fraction`` of the training queries. It is never the test split.
+    """
+    folder = Path(folder)
+    if dev_split == "test" or (split == "test" and not from_corpus):
+        raise ValueError("the test split is for evaluation only; train and early-stop on others")
+    if from_corpus:
+        corpus = load_corpus(folder)
+        queries, qrels = make_pseudo_queries(corpus, pseudo, seed=seed)
+        source = f"pseudo-queries from the corpus of {folder}"
+    else:
+        ds = load_beir(folder, split or "train")
+        corpus, queries, qrels = ds.corpus, ds.queries, ds.qrels
+        source = f"{folder} split {split!r}"
+        if dev_split is None and "dev" in available_splits(folder):
+            dev_split = "dev"
+    if dev_split is not None and not from_corpus:
+        dev = load_beir(folder, dev_split)
+        dev_queries, dev_qrels = dev.queries, dev.qrels
+        source += f", dev split {dev_split!r}"
+    else:
+        queries, qrels, dev_queries, dev_qrels = _split_off_dev(
+            queries, qrels, dev_fraction, max_dev, seed
+        )
+        source += f", dev: {len(dev_qrels)} held-out training queries"
+    if len(dev_qrels) > max_dev:
+        keep = sorted(dev_qrels)
+        random.Random(seed).shuffle(keep)
+        dev_qrels = {q: dev_qrels[q] for q in sorted(keep[:max_dev])}
+        dev_queries = {q: dev_queries[q] for q in dev_qrels}
+    emb = embed_corpus(encoder, corpus, cache_dir=cache_dir)
+    payload = json.dumps([sorted(queries.items()), sorted(qrels.items())], sort_keys=True)
+    fp = corpus_fingerprint(corpus) + ":" + hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return TrainingSet(
+        name=folder.name,
+        queries=queries,
+        qrels=qrels,
+        dev_queries=dev_queries,
+        dev_qrels=dev_qrels,
+        doc_ids=emb.ids,
+        doc_emb=emb.embeddings,
+        source=source,
+        fingerprint=fp,
+    )
+
+
+class _Domain:
+    """Per-set tensors and mined negatives, ready for sampling batches."""
+
+    def __init__(self, ts: TrainingSet, encoder: Encoder, cfg: TrainConfig, max_len: int) -> None:
+        self.ts = ts
+        self.qids = sorted(ts.positives)
+        self.row = {d: i for i, d in enumerate(ts.doc_ids)}
+        self.pos_rows = [[self.row[d] for d in ts.positives[q]] for q in self.qids]
+        self.relevant = [
+            {self.row[d] for d, s in ts.qrels[q].items() if s > 0 and d in self.row}
+            for q in self.qids
+        ]
+        ids = encoder.tokenize([ts.queries[q] for q in self.qids])
+        self.token_ids = [x[:max_len] for x in ids]
+        self.doc_emb = torch.from_numpy(ts.doc_emb)  # (N, d)
+        self.index = FaissIndex.from_embeddings(ts.doc_ids, ts.doc_emb)
+        self.negatives: list[list[int]] = [[] for _ in self.qids]
+        if cfg.hard_negatives:
+            q_emb = encoder.encode([ts.queries[q] for q in self.qids], show_progress=False)
+            depth = cfg.mine_skip + cfg.mine_depth + max(len(r) for r in self.relevant)
+            hits = self.index.search(q_emb, min(depth, len(ts.doc_ids)))
+            for i, row_hits in enumerate(hits):
+                ranked = [self.row[d] for d, _ in row_hits if self.row[d] not in self.relevant[i]]
+                self.negatives[i] = ranked[cfg.mine_skip : cfg.mine_skip + cfg.mine_depth]
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+def dev_ndcg(encoder: Encoder, model: torch.nn.Module, domains: Sequence[_Domain]) -> float:
+    """Mean over domains of dev nDCG@10 with ``model`` on the query side."""
+    scores = []
+    for dom in domains:
+        qids = list(dom.ts.dev_queries)
+        q_emb = encoder.encode(
+            [dom.ts.dev_queries[q] for q in qids], model=model, show_progress=False
+        )
+        hits = dom.index.search(q_emb, 10, exclude_ids=qids)
+        run = {q: dict(h) for q, h in zip(qids, hits, strict=True)}
+        scores.append(evaluate(dom.ts.dev_qrels, run, ["ndcg@10"]).scores["ndcg@10"])
+    return float(np.mean(scores))
+
+
+def train_expert(
+    encoder: Encoder,
+    sets: Sequence[TrainingSet],
+    name: str,
+    out_dir: str | Path,
+    expert: ExpertConfig | None = None,
+    train: TrainConfig | None = None,
+    show_progress: bool | None = None,
+) -> ExpertInfo:
+    """Train one LoRA expert on ``sets`` (one domain, or several for a multi-task LoRA).
+
+    Writes ``out_dir/name/`` (PEFT adapter in safetensors plus ``expert.json``) and returns its
+    metadata. The base encoder is not modified.
+    """
+    model, info = fit_expert(encoder, sets, name, expert, train, show_progress)
+    save_expert(model, info, out_dir)
+    return info
+
+
+def save_expert(model: torch.nn.Module, info: ExpertInfo, out_dir: str | Path) -> Path:
+    """Write a trained PEFT model's adapter and ``info`` to ``out_dir/info.name/``, atomically."""
+    path = write_expert_folder(
+        Path(out_dir) / info.name,
+        lambda tmp: model.save_pretrained(str(tmp), safe_serialization=True),
+        info,
+    )
+    logger.info("saved expert %s to %s", info.name, path)
+    return path
+
+
+def fit_expert(
+    encoder: Encoder,
+    sets: Sequence[TrainingSet],
+    name: str,
+    expert: ExpertConfig | None = None,
+    train: TrainConfig | None = None,
+    show_progress: bool | None = None,
+) -> tuple[torch.nn.Module, ExpertInfo]:
+    """Train a LoRA on ``sets`` and return the PEFT model (in eval mode) and its metadata."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from transformers import AutoModel
+
+    check_name(name)
+    expert, train = expert or ExpertConfig(), train or TrainConfig()
+    if not sets:
+        raise ValueError("need at least one training set")
+    start = time.perf_counter()
+    random.seed(train.seed)
+    np.random.seed(train.seed)
+    torch.manual_seed(train.seed)
+    rng = random.Random(train.seed)
+
+    max_len = min(
+        train.max_query_length or encoder.settings.max_length, encoder.settings.max_length
+    )
+    domains = [_Domain(ts, encoder, train, max_len) for ts in sets]
+    weights = [len(d.qids) for d in domains]
+
+    base = AutoModel.from_pretrained(encoder.model_path, use_safetensors=True).to(encoder.device)
+    model = get_peft_model(base, expert.lora_config())
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    warmup = int(train.max_steps * train.warmup_ratio)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, train.max_steps))
+
+    best = dev_ndcg(encoder, model, domains)  # step 0: the adapter starts as the identity
+    history = [{"step": 0, "dev_ndcg@10": best}]
+    base_dev = best
+    best_state = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+    best_step, bad_evals, losses = 0, 0, []
+    disable = None if show_progress is None else not show_progress
+    bar = tqdm(range(1, train.max_steps + 1), desc=f"train {name}", disable=disable, leave=False)
+    model.train()
+    step = 0
+    for step in bar:
+        dom = domains[rng.choices(range(len(domains)), weights)[0]]
+        rows = rng.sample(range(len(dom.qids)), min(train.batch_size, len(dom.qids)))
+        pos = [rng.choice(dom.pos_rows[i]) for i in rows]
+        negs = []
+        for i in rows:
+            pool = dom.negatives[i]
+            negs.extend(rng.sample(pool, min(train.hard_negatives, len(pool))))
+        cand_rows = pos + negs
+        cand = dom.doc_emb[cand_rows]  # (C, d), C = B + mined
+        targets = torch.arange(len(rows))  # query i's positive sits in row i
+        # Relevant documents other than the target are never negatives (NFCorpus has dozens).
+        mask = torch.tensor(
+            [
+                [c in dom.relevant[i] and j != b for j, c in enumerate(cand_rows)]
+                for b, i in enumerate(rows)
+            ]
+        )  # (B, C)
+        q = encoder.forward(encoder.collate([dom.token_ids[i] for i in rows]), model)  # (B, d)
+        loss = contrastive_loss(q, cand, targets, mask, train.temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if step % train.eval_every == 0 or step == train.max_steps:
+            score = dev_ndcg(encoder, model, domains)
+            history.append(
+                {
+                    "step": step,
+                    "dev_ndcg@10": score,
+                    "loss": float(np.mean(losses[-train.eval_every :])),
+                }
+            )
+            bar.set_postfix(loss=f"{np.mean(losses[-train.eval_every :]):.3f}", dev=f"{score:.4f}")
+            logger.info("%s step %d loss %.4f dev nDCG@10 %.4f", name, step, losses[-1], score)
+            if score > best:
+                best, best_step, bad_evals = score, step, 0
+                best_state = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
+            else:
+                bad_evals += 1
+                if bad_evals >= train.patience:
+                    break
+    bar.close()
+    if train.keep_best:
+        set_peft_model_state_dict(model, best_state)
+    else:
+        best, best_step = history[-1]["dev_ndcg@10"], history[-1]["step"]
+    model.eval()
+
+    info = ExpertInfo(
+        name=name,
+        base_model=str(encoder.model_path),
+        base_fingerprint=encoder.weights_fingerprint,
+        data_fingerprint="+".join(ts.fingerprint for ts in sets),
+        source="; ".join(ts.source for ts in sets),
+        lora=asdict(expert),
+        training={
+            **asdict(train),
+            "steps_run": step,
+            "best_step": best_step,
+            "train_queries": sum(len(d.qids) for d in domains),
+            "first_loss": losses[0] if losses else None,
+            "last_loss": float(np.mean(losses[-train.eval_every :])) if losses else None,
+        },
+        dev={
+            "ndcg@10": best,
+            "base_ndcg@10": base_dev,
+            "history": history,
+            "queries": sum(len(ts.dev_qrels) for ts in sets),
+        },
+        seconds=round(time.perf_counter() - start, 1),
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    )
+    info.lora["target_modules"] = list(expert.target_modules)
+    logger.info("trained expert %s: dev nDCG@10 %.4f (base %.4f)", name, best, base_dev)
+    return model, info
+
+
+def lora_steps_budget(sets: Sequence[TrainingSet], train: TrainConfig) -> int:
+    """Steps for one multi-task LoRA on ``sets``: the sum of the per-expert step budgets."""
+    return train.max_steps * len(sets) if sets else 0

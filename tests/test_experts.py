@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from routerretriever import Encoder, ModelError
+from routerretriever.experts import check_folder, list_experts, load_expert
+from routerretriever.losses import contrastive_loss
+from routerretriever.training import TrainConfig, fit_expert, load_training_set, save_expert
+
+PROBES = ["effects of statins on cancer", "wind tunnel tests of wings", "reading list"]
+FAST = TrainConfig(
+    lr=2e-3,
+    max_steps=16,
+    eval_every=8,
+    batch_size=8,
+    hard_negatives=2,
+    keep_best=False,
+    max_query_length=32,
+)
+
+
+def state_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode() + v.detach().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two tiny experts trained on pseudo-queries of the fixture corpus, with different seeds."""
+    from tests.conftest import TINY
+
+    enc = Encoder.load()
+    base_digest = state_digest(enc.model)
+    cache = tmp_path_factory.mktemp("cache")
+    store = tmp_path_factory.mktemp("store")
+    ts = load_training_set(enc, TINY, from_corpus=True, cache_dir=cache)
+    out = {}
+    for name, seed in (("alpha", 0), ("beta", 1)):
+        cfg = TrainConfig(**{**FAST.__dict__, "seed": seed})
+        model, info = fit_expert(enc, [ts], name, train=cfg, show_progress=False)
+        out[name] = (model, info, enc.encode(PROBES, model=model))
+        save_expert(model, info, store)
+    assert state_digest(enc.model) == base_digest  # training never touches the base encoder
+    return enc, store, out
+
+
+def test_training_lowers_loss_and_changes_only_lora_weights(trained):
+    _, store, out = trained
+    model, info, _ = out["alpha"]
+    assert info.training["last_loss"] < info.training["first_loss"]
+    changed = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert changed and all("lora_" in n for n in changed)
+    from safetensors import safe_open
+
+    with safe_open(str(store / "alpha" / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        assert keys and all("lora_" in k for k in keys)
+        assert any(f.get_tensor(k).abs().sum() > 0 for k in keys if "lora_B" in k)  # trained
+    meta = json.loads((store / "alpha" / "expert.json").read_text())
+    assert meta["lora"]["r"] == 8 and meta["lora"]["alpha"] == 32 and meta["seconds"] > 0
+
+
+def test_save_then_load_gives_identical_embeddings(trained):
+    _, store, out = trained
+    enc = Encoder.load()
+    load_expert(enc, store / "alpha")
+    np.testing.assert_allclose(enc.encode(PROBES, experts="alpha"), out["alpha"][2], atol=1e-6)
+
+
+def test_switching_experts_on_one_base_model(trained):
+    _, store, out = trained
+    enc = Encoder.load()
+    base = enc.encode(PROBES)
+    for name in ("alpha", "beta"):
+        load_expert(enc, store / name)
+    a, b = enc.encode(PROBES, experts="alpha"), enc.encode(PROBES, experts="beta")
+    assert not np.allclose(a, b, atol=1e-4) and not np.allclose(a, base, atol=1e-4)
+    np.testing.assert_allclose(a, out["alpha"][2], atol=1e-6)
+    np.testing.assert_allclose(b, out["beta"][2], atol=1e-6)
+    np.testing.assert_allclose(enc.encode(PROBES), base, atol=1e-6)  # base unaffected
+    mixed = enc.encode(PROBES, experts=["beta", None, "alpha"])  # one mixed batch
+    np.testing.assert_allclose(mixed[0], b[0], atol=1e-5)
+    np.testing.assert_allclose(mixed[1], base[1], atol=1e-5)
+    np.testing.assert_allclose(mixed[2], a[2], atol=1e-5)
+    enc.remove_adapter("alpha")
+    with pytest.raises(ValueError, match=r"unknown expert\(s\) \['alpha'\]; loaded: \['beta'\]"):
+        enc.encode(PROBES, experts="alpha")
+    enc.remove_adapter("beta")
+    np.testing.assert_allclose(enc.encode(PROBES), base, atol=1e-6)
+
+
+def test_adapter_loads_with_plain_peft(trained):
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    enc, store, out = trained
+    model = PeftModel.from_pretrained(AutoModel.from_pretrained(enc.model_path), store / "beta")
+    np.testing.assert_allclose(enc.encode(PROBES, model=model), out["beta"][2], atol=1e-6)
+
+
+def test_mismatched_base_model_refused(trained, tmp_path):
+    _, store, _ = trained
+    meta = json.loads((store / "alpha" / "expert.json").read_text())
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in (store / "alpha").iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    meta["base_fingerprint"] = "0123456789abcdef"
+    (other / "expert.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        ModelError, match=r"was trained on base model .* \(fingerprint 0123456789abcdef\)"
+    ):
+        load_expert(Encoder.load(), other)
+
+
+def test_pickled_adapter_refused(trained, tmp_path):
+    _, store, _ = trained
+    bad = tmp_path / "pickled"
+    bad.mkdir()
+    for name in ("expert.json", "adapter_config.json"):
+        (bad / name).write_bytes((store / "alpha" / name).read_bytes())
+    torch.save({"x": torch.zeros(1)}, bad / "adapter_model.bin")
+    with pytest.raises(
+        ModelError, match=r"no adapter_model\.safetensors .*pickle formats are refused"
+    ):
+        check_folder(bad)
+    (bad / "adapter_model.safetensors").write_bytes(
+        (store / "alpha" / "adapter_model.safetensors").read_bytes()
+    )
+    with pytest.raises(ModelError, match="contains pickle files"):
+        check_folder(bad)
+
+
+def test_list_experts(trained):
+    _, store, _ = trained
+    assert [e.name for e in list_experts(store)] == ["alpha", "beta"]
+
+
+def test_contrastive_loss_masks_false_negatives():
+    q = torch.nn.functional.normalize(torch.randn(2, 4), dim=-1)
+    cand = torch.cat([q, q[:1]])  # row 2 duplicates query 0's positive
+    targets = torch.tensor([0, 1])
+    mask = torch.tensor([[False, False, True], [False, False, False]])
+    masked = contrastive_loss(q, cand, targets, mask, temperature=0.05)
+    unmasked = contrastive_loss(q, cand, targets, None, temperature=0.05)
+    assert masked < unmasked
+    scores = q @ cand.T / 0.05
+    ce = torch.nn.functional.cross_entropy
+    expected = (ce(scores[0, :2], targets[0]) + ce(scores[1], targets[1])) / 2
+    assert torch.allclose(masked, expected, atol=1e-5)
