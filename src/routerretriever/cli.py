@@ -112,18 +112,22 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
         dropout=args.dropout,
         target_modules=tuple(args.target_modules.split(",")),
     )
+    if not args.dataset and not args.corpus:
+        raise RouterRetrieverError("give at least one --dataset DIR or --corpus DIR")
     encoder = Encoder.load(args.model)
+    common = dict(dev_split=args.dev_split, cache_dir=args.cache_dir, seed=args.seed)
     sets = [
         load_training_set(
             encoder,
             folder,
             split=None if args.from_corpus else args.split,
             from_corpus=args.from_corpus,
-            dev_split=args.dev_split,
-            cache_dir=args.cache_dir,
-            seed=args.seed,
+            **common,
         )
-        for folder in args.dataset
+        for folder in args.dataset or []
+    ] + [
+        load_training_set(encoder, folder, from_corpus=True, **common)
+        for folder in args.corpus or []
     ]
     info = train_expert(encoder, sets, args.name, args.out, lora, train)
     print(f"expert {info.name} -> {args.out / info.name}")
@@ -149,6 +153,15 @@ def cmd_experts_list(args: argparse.Namespace) -> int:
         for e in list_experts(args.store)
     ]
     print(format_table(["expert", "dev nDCG@10", "base dev", "train s", "trained on"], rows))
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from routerretriever.experiment import run_experiment
+
+    path = run_experiment(args.config, rule=args.rule)
+    print(path.read_text())
+    print(f"wrote {path} (and results.json, growth.png, routing.png beside it)")
     return 0
 
 
@@ -213,10 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--dataset",
         type=Path,
-        required=True,
         action="append",
         metavar="DIR",
-        help="BEIR folder; repeat for a multi-task LoRA over several",
+        help="BEIR folder to train on; repeat for a multi-task LoRA over several",
+    )
+    tr.add_argument(
+        "--corpus",
+        type=Path,
+        action="append",
+        metavar="DIR",
+        help="BEIR folder whose corpus gives pseudo-queries (repeatable; mixes with --dataset)",
     )
     src = tr.add_mutually_exclusive_group()
     src.add_argument("--split", default="train", help="labelled split to train on (default: train)")
@@ -266,6 +285,16 @@ def build_parser() -> argparse.ArgumentParser:
     ls = ex_sub.add_parser("list", help="list the experts in a store")
     ls.add_argument("store", type=Path)
     ls.set_defaults(func=cmd_experts_list)
+
+    xp = sub.add_parser("experiment", help="run the paper's experiments from a TOML config")
+    xp.add_argument("config", type=Path)
+    xp.add_argument(
+        "--rule",
+        choices=["mean", "weighted", "nearest"],
+        default=None,
+        help="routing rule (default: the best on the dev instances)",
+    )
+    xp.set_defaults(func=cmd_experiment)
     return parser
 
 

@@ -14,9 +14,11 @@ from typing import Any
 import numpy as np
 
 from routerretriever.data import BeirDataset, Corpus, Document, Run
-from routerretriever.encoder import Encoder
+from routerretriever.encoder import BASE, Encoder
 from routerretriever.evaluation import DEFAULT_METRICS, EvalResult, evaluate, parse_metric
 from routerretriever.index import FaissIndex, VectorIndex
+from routerretriever.pilots import PilotLibrary
+from routerretriever.router import RULES, RouteDecision, Rule, route
 from routerretriever.store import embed_corpus
 
 logger = logging.getLogger(__name__)
@@ -116,3 +118,80 @@ def evaluate_retriever(
     retriever.index_corpus(dataset.corpus)
     run = retriever.search(dataset.queries, k=depth)
     return evaluate(dataset.qrels, run, metrics)
+
+
+class RouterRetriever(DenseRetriever):
+    """Routes each query to one expert by its pilots, then embeds it with that expert.
+
+    Step 1 embeds the query with the base model and compares it with the pilot library
+    (:func:`routerretriever.router.route`); step 2 embeds it again with base + the chosen
+    expert's LoRA, in mixed batches. A query routed to the base model itself (``"__base__"`` in
+    the pool) keeps its routing embedding: one forward pass, not two.
+
+    Example::
+
+        enc = Encoder.load()
+        load_expert(enc, "experts/scifact"); load_expert(enc, "experts/nfcorpus")
+        rr = RouterRetriever(enc, PilotLibrary.load("pilots/"))
+        rr.index_corpus(corpus)
+        run, decisions = rr.search_with_routes({"q1": "statins and cancer"}, k=10)
+        decisions["q1"].expert, decisions["q1"].scores   # why it went where it went
+    """
+
+    def __init__(
+        self, encoder: Encoder, pilots: PilotLibrary, *, rule: Rule = "weighted", **kwargs: Any
+    ) -> None:
+        super().__init__(encoder, **kwargs)
+        missing = [e for e in pilots.experts if e != BASE and e not in encoder.experts]
+        if missing:
+            raise ValueError(
+                f"pilot library names expert(s) {missing} not loaded; loaded: {encoder.experts}"
+            )
+        if rule not in RULES:
+            raise ValueError(f"unknown routing rule {rule!r}; use one of {list(RULES)}")
+        self.pilots = pilots
+        self.rule = rule
+
+    def route(self, queries: Sequence[str]) -> list[RouteDecision]:
+        """The routing decision of each query, with every expert's score."""
+        return self._route_and_encode(list(queries), None)[1]
+
+    def _route_and_encode(
+        self, texts: list[str], batch_size: int | None
+    ) -> tuple[np.ndarray, list[RouteDecision]]:
+        bs = batch_size or self.batch_size
+        emb = self.encoder.encode(
+            texts, batch_size=bs, show_progress=self.show_progress, desc="route"
+        )
+        decisions = route(emb, self.pilots, self.rule)
+        todo = [i for i, d in enumerate(decisions) if d.expert != BASE]
+        if todo:
+            emb[todo] = self.encoder.encode(
+                [texts[i] for i in todo],
+                experts=[decisions[i].expert for i in todo],
+                batch_size=bs,
+                show_progress=self.show_progress,
+                desc="experts",
+            )
+        return emb, decisions
+
+    def encode_queries(
+        self, queries: Sequence[str], batch_size: int | None = None, **kwargs: Any
+    ) -> np.ndarray:
+        """Routed query embeddings ``(n, dim)``; BEIR's ``DenseRetrievalExactSearch`` calls this."""
+        return self._route_and_encode(list(queries), batch_size)[0]
+
+    def search_with_routes(
+        self, queries: Mapping[str, str], k: int = 10
+    ) -> tuple[Run, dict[str, RouteDecision]]:
+        """Top-``k`` hits per query and the routing decision behind each."""
+        if self.index is None:
+            raise RuntimeError("no corpus indexed yet: call index_corpus(corpus) first")
+        qids = list(queries)
+        emb, decisions = self._route_and_encode([queries[q] for q in qids], None)
+        hits = self.index.search(emb, k, exclude_ids=qids)
+        run = {qid: dict(h) for qid, h in zip(qids, hits, strict=True)}
+        return run, dict(zip(qids, decisions, strict=True))
+
+    def search(self, queries: Mapping[str, str], k: int = 10) -> Run:
+        return self.search_with_routes(queries, k)[0]

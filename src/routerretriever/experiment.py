@@ -1,0 +1,620 @@
+"""The paper's experiments from one TOML config: experts, baselines, routers, oracles, tables, figures.
+
+Everything is computed from per-query nDCG@10: every model (base, each expert, the multi-task
+LoRA) is run once on every test set, and a routed system's score is each query's score under the
+expert it was routed to (a query's nDCG@10 depends only on its own ranking, so this is exact).
+Heavy steps are cached under the results folder; delete it to start over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from routerretriever.data import load_beir
+from routerretriever.encoder import BASE, Encoder
+from routerretriever.evaluation import evaluate
+from routerretriever.experts import load_expert
+from routerretriever.index import FaissIndex
+from routerretriever.pilots import DomainInstances, build_pilots
+from routerretriever.pseudo import PseudoQueryConfig
+from routerretriever.router import RULES, expert_scores
+from routerretriever.store import atomic_write, embed_corpus
+from routerretriever.training import TrainConfig, load_training_set
+
+logger = logging.getLogger(__name__)
+
+MULTITASK = "multitask"
+
+
+@dataclass
+class DomainSpec:
+    """A domain: its BEIR folder and where its expert's training data comes from."""
+
+    name: str
+    path: Path
+    train: str = "corpus"  # a labelled split name, "corpus" (pseudo-queries) or "none" (zero-shot)
+
+
+@dataclass
+class ExperimentConfig:
+    """What ``routerretriever experiment CONFIG`` runs (see ``experiments/paper.toml``)."""
+
+    domains: list[DomainSpec]
+    store: Path
+    results: Path
+    cache_dir: Path | None = None
+    test_split: str = "test"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pseudo: PseudoQueryConfig = field(default_factory=PseudoQueryConfig)
+    max_instances: int = 300  # training instances per domain for the pilot library
+    classifier_instances: int = 100  # DatasetRouter's sampled instances per domain
+    seed: int = 0
+    batch_size: int = 32
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExperimentConfig:
+        path = Path(path)
+        raw = tomllib.loads(path.read_text())
+        here = path.parent
+
+        def resolve(p: str | None) -> Path | None:
+            return None if p is None else (here / p).resolve()
+
+        root = resolve(raw.get("data_root", "."))
+        known = {f.name for f in fields(TrainConfig)}
+        bad = sorted(set(raw.get("train", {})) - known)
+        if bad:
+            raise ValueError(f"{path}: unknown [train] keys {bad}; known: {sorted(known)}")
+        domains = [
+            DomainSpec(d["name"], root / d["path"], d.get("train", "corpus"))
+            for d in raw.get("domains", [])
+        ]
+        if not domains:
+            raise ValueError(f"{path}: no [[domains]]")
+        return cls(
+            domains=domains,
+            store=resolve(raw.get("store", "runs/experts")),
+            results=resolve(raw.get("results", "runs/results")),
+            cache_dir=resolve(raw.get("cache_dir")),
+            test_split=raw.get("test_split", "test"),
+            train=TrainConfig(**raw.get("train", {})),
+            pseudo=PseudoQueryConfig(**raw.get("pseudo", {})),
+            max_instances=raw.get("max_instances", 300),
+            classifier_instances=raw.get("classifier_instances", 100),
+            seed=raw.get("seed", 0),
+            batch_size=raw.get("batch_size", 32),
+        )
+
+    @property
+    def expert_domains(self) -> list[DomainSpec]:
+        return [d for d in self.domains if d.train != "none"]
+
+
+# -- step 1: experts ---------------------------------------------------------------------------
+
+
+def _train_args(
+    cfg: ExperimentConfig, name: str, specs: Sequence[DomainSpec], steps: int
+) -> list[str]:
+    args = [
+        sys.executable,
+        "-m",
+        "routerretriever.cli",
+        "train-expert",
+        name,
+        "--out",
+        str(cfg.store),
+    ]
+    for spec in specs:
+        if spec.train == "corpus":
+            args += ["--corpus", str(spec.path)]
+        else:
+            args += ["--dataset", str(spec.path)]
+            if len(specs) == 1:
+                args += ["--split", spec.train]
+    if cfg.cache_dir:
+        args += ["--cache-dir", str(cfg.cache_dir)]
+    t = cfg.train
+    for flag in (
+        "lr",
+        "batch_size",
+        "hard_negatives",
+        "mine_skip",
+        "eval_every",
+        "patience",
+        "seed",
+    ):
+        args += ["--" + flag.replace("_", "-"), str(getattr(t, flag))]
+    return args + ["--max-steps", str(steps)]
+
+
+def train_all(cfg: ExperimentConfig) -> None:
+    """Train each domain's expert and the multi-task LoRA, each in its own process (so its peak
+    memory is its own); experts already in the store are kept."""
+    jobs = [(d.name, [d], cfg.train.max_steps) for d in cfg.expert_domains]
+    # The multi-task LoRA gets the budget of all experts together.
+    jobs.append((MULTITASK, cfg.expert_domains, cfg.train.max_steps * len(cfg.expert_domains)))
+    for name, specs, steps in jobs:
+        if (cfg.store / name / "expert.json").is_file():
+            logger.info("expert %s already trained; keeping it", name)
+            continue
+        logger.info("training expert %s", name)
+        subprocess.run(_train_args(cfg, name, specs, steps), check=True)
+
+
+# -- step 2: per-query scores of every model on every test set and on the instances --------------
+
+
+@dataclass
+class Domain:
+    spec: DomainSpec
+    doc_ids: list[str]
+    index: FaissIndex
+    test_queries: dict[str, str]
+    test_qrels: dict[str, dict[str, int]]
+
+
+def _per_query_ndcg(
+    enc: Encoder,
+    model: str,
+    dom: Domain,
+    queries: dict[str, str],
+    qrels: dict[str, dict[str, int]],
+    batch_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query nDCG@10 (0 for a query with no hits) and the query embeddings used."""
+    qids = list(queries)
+    emb = enc.encode(
+        [queries[q] for q in qids],
+        experts=None if model == BASE else model,
+        batch_size=batch_size,
+        show_progress=False,
+    )
+    hits = dom.index.search(emb, 10, exclude_ids=qids)
+    per = evaluate(
+        qrels, {q: dict(h) for q, h in zip(qids, hits, strict=True)}, ["ndcg@10"]
+    ).per_query
+    return np.array([per.get(q, {}).get("ndcg@10", 0.0) for q in qids]), emb
+
+
+class Experiment:
+    """Runs the steps of an :class:`ExperimentConfig` and holds their results."""
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.cfg = cfg
+        self.encoder = Encoder.load()
+        self.experts = [d.name for d in cfg.expert_domains]
+        for name in [*self.experts, MULTITASK]:
+            load_expert(self.encoder, cfg.store / name)
+        self.models = [BASE, *self.experts, MULTITASK]
+        self.domains: dict[str, Domain] = {}
+        for spec in cfg.domains:
+            ds = load_beir(spec.path, cfg.test_split)
+            emb = embed_corpus(
+                self.encoder, ds.corpus, cache_dir=cfg.cache_dir, batch_size=cfg.batch_size
+            )
+            self.domains[spec.name] = Domain(
+                spec,
+                emb.ids,
+                FaissIndex.from_embeddings(emb.ids, emb.embeddings),
+                ds.queries,
+                ds.qrels,
+            )
+        self.cache = cfg.results / "cache"
+
+    def _scores(
+        self,
+        key: str,
+        model: str,
+        dom: Domain,
+        queries: dict[str, str],
+        qrels: dict[str, dict[str, int]],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per-query nDCG@10 and query embeddings of ``model``, cached on disk under ``key``."""
+        path = self.cache / f"{key}.npz"
+        if path.is_file():
+            with np.load(path, allow_pickle=False) as f:
+                if f["qids"].tolist() == list(queries):
+                    return f["ndcg"], f["emb"]
+        ndcg, emb = _per_query_ndcg(self.encoder, model, dom, queries, qrels, self.cfg.batch_size)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, ndcg=ndcg, emb=emb, qids=np.array(list(queries), dtype=str))
+
+        atomic_write(path, write)
+        return ndcg, emb
+
+    def test_scores(self) -> dict[str, dict[str, np.ndarray]]:
+        """``[domain][model]`` -> per-query nDCG@10 on the test split; plus ``[domain]["_emb"]``."""
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for name, dom in self.domains.items():
+            out[name] = {}
+            for model in self.models:
+                ndcg, emb = self._scores(
+                    f"test-{name}-{model}", model, dom, dom.test_queries, dom.test_qrels
+                )
+                out[name][model] = ndcg
+                if model == BASE:
+                    out[name]["_emb"] = emb
+        return out
+
+    def instances(self, part: str) -> list[DomainInstances]:
+        """Training (``part="train"``) or dev instances of each expert domain, scored by every model."""
+        out = []
+        for spec in self.cfg.expert_domains:
+            dom = self.domains[spec.name]
+            ts = load_training_set(
+                self.encoder,
+                spec.path,
+                split=None if spec.train == "corpus" else spec.train,
+                from_corpus=spec.train == "corpus",
+                pseudo=self.cfg.pseudo,
+                cache_dir=self.cfg.cache_dir,
+                seed=self.cfg.train.seed,
+            )
+            queries, qrels = (
+                (ts.queries, ts.qrels) if part == "train" else (ts.dev_queries, ts.dev_qrels)
+            )
+            qids = sorted(q for q in qrels if q in queries)
+            random.Random(self.cfg.seed).shuffle(qids)
+            qids = sorted(qids[: self.cfg.max_instances])
+            sub_q, sub_r = {q: queries[q] for q in qids}, {q: qrels[q] for q in qids}
+            # Pseudo-query instances are judged against the full corpus they came from.
+            scores = {}
+            for model in [BASE, *self.experts]:
+                scores[model], emb = self._scores(
+                    f"{part}-{spec.name}-{model}", model, dom, sub_q, sub_r
+                )
+                if model == BASE:
+                    base_emb = emb
+            out.append(DomainInstances(spec.name, qids, base_emb, scores))
+        return out
+
+
+# -- step 3: systems ------------------------------------------------------------------------------
+
+
+def _train_linear(x: np.ndarray, y: np.ndarray, n_out: int, binary: bool, seed: int) -> Any:
+    """A linear layer over base embeddings: softmax head, or one sigmoid per output."""
+    import torch
+
+    torch.manual_seed(seed)
+    xt = torch.from_numpy(x)
+    head = torch.nn.Linear(x.shape[1], n_out)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2, weight_decay=1e-4)
+    yt = torch.from_numpy(y)
+    for _ in range(300):
+        logits = head(xt)  # (n, T)
+        if binary:
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, torch.nn.functional.one_hot(yt, n_out).float()
+            )
+        else:
+            loss = torch.nn.functional.cross_entropy(logits, yt)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return lambda q: head(torch.from_numpy(q)).detach().numpy()
+
+
+@dataclass
+class SystemResult:
+    name: str
+    per_domain: dict[str, float]
+    routes: dict[str, dict[str, float]] = field(default_factory=dict)  # domain -> expert -> share
+
+    @property
+    def average(self) -> float:
+        return float(np.mean(list(self.per_domain.values())))
+
+
+def _routed(name: str, test: dict, domains: Sequence[str], choose) -> SystemResult:
+    """Score of routing each test query to ``choose(domain, emb) -> list of model names``."""
+    per, routes = {}, {}
+    for d in domains:
+        picks = choose(d, test[d]["_emb"])
+        per[d] = float(np.mean([test[d][m][i] for i, m in enumerate(picks)]))
+        names, counts = np.unique(picks, return_counts=True)
+        routes[d] = {str(n): float(c / len(picks)) for n, c in zip(names, counts, strict=True)}
+    return SystemResult(name, per, routes)
+
+
+def run_systems(exp: Experiment, rule: str | None = None) -> dict[str, Any]:
+    """All systems of the paper's Table 1, plus zero-shot (Table 2) and growth (Table 3)."""
+    cfg = exp.cfg
+    test = exp.test_scores()
+    train_inst, dev_inst = exp.instances("train"), exp.instances("dev")
+    experts = exp.experts
+    seen = [d.name for d in cfg.expert_domains]
+    unseen = [d.name for d in cfg.domains if d.train == "none"]
+
+    def single(model: str, name: str) -> SystemResult:
+        return SystemResult(name, {d: float(test[d][model].mean()) for d in seen})
+
+    def router(pool: list[str], r: str, insts: list[DomainInstances]):
+        lib = build_pilots(insts, pool)
+        return lambda d, emb: [lib.experts[j] for j in expert_scores(emb, lib, r).argmax(1)]
+
+    # Pick the routing rule on the dev instances (never the test sets).
+    dev_scores = {}
+    for r in RULES:
+        lib = build_pilots(train_inst, experts)
+        s = [
+            inst.scores[lib.experts[j]][i]
+            for inst in dev_inst
+            for i, j in enumerate(expert_scores(inst.embeddings, lib, r).argmax(1))
+        ]
+        dev_scores[r] = float(np.mean(s))
+    chosen = rule or max(RULES, key=lambda r: dev_scores[r])
+
+    systems: list[SystemResult] = [single(BASE, "Base model"), single(MULTITASK, "Multi-task LoRA")]
+    # Routers trained on the same training instances, labelled by their domain.
+    x = np.concatenate([i.embeddings for i in train_inst])
+    y = np.concatenate([np.full(len(i.ids), k) for k, i in enumerate(train_inst)])
+    head = _train_linear(x, y, len(experts), binary=False, seed=cfg.seed)
+    binary = _train_linear(x, y, len(experts), binary=True, seed=cfg.seed)
+    systems.append(
+        _routed(
+            "ExpertClassifierRouter",
+            test,
+            seen,
+            lambda d, e: [experts[j] for j in binary(e).argmax(1)],
+        )
+    )
+    systems.append(
+        _routed(
+            "ClassificationHeadRouter",
+            test,
+            seen,
+            lambda d, e: [experts[j] for j in head(e).argmax(1)],
+        )
+    )
+    rng = np.random.default_rng(cfg.seed)
+    sample = [
+        (
+            i.embeddings[
+                rng.choice(len(i.ids), min(cfg.classifier_instances, len(i.ids)), replace=False)
+            ],
+            k,
+        )
+        for k, i in enumerate(train_inst)
+    ]
+    sx = np.concatenate([s for s, _ in sample])
+    sy = np.concatenate([np.full(len(s), k) for s, k in sample])
+    systems.append(
+        _routed(
+            "DatasetRouter", test, seen, lambda d, e: [experts[sy[j]] for j in (e @ sx.T).argmax(1)]
+        )
+    )
+    for r in RULES:
+        systems.append(
+            _routed(f"RouterRetriever ({r})", test, seen, router(experts, r, train_inst))
+        )
+    with_base = [BASE, *experts]
+    for r in RULES:
+        systems.append(
+            _routed(f"RouterRetriever + base ({r})", test, seen, router(with_base, r, train_inst))
+        )
+    oracle_best = {d: max(experts, key=lambda m: test[d][m].mean()) for d in seen}
+    systems.append(
+        SystemResult(
+            "DatasetOracle",
+            {d: float(test[d][oracle_best[d]].mean()) for d in seen},
+            {d: {oracle_best[d]: 1.0} for d in seen},
+        )
+    )
+    systems.append(
+        _routed(
+            "InstanceOracle",
+            test,
+            seen,
+            lambda d, e: [experts[j] for j in np.stack([test[d][m] for m in experts], 1).argmax(1)],
+        )
+    )
+
+    per_expert = {m: {d: float(test[d][m].mean()) for d in [*seen, *unseen]} for m in exp.models}
+
+    # Zero-shot (Table 2): each domain without its own expert and instances; unseen domains with all.
+    zero: dict[str, dict[str, float]] = {
+        "Base model": {},
+        "Multi-task LoRA": {},
+        f"RouterRetriever ({chosen})": {},
+        "InstanceOracle": {},
+    }
+    for d in [*seen, *unseen]:
+        pool = [e for e in experts if e != d]
+        insts = [i for i in train_inst if i.domain != d]
+        zero["Base model"][d] = float(test[d][BASE].mean())
+        zero["Multi-task LoRA"][d] = float(test[d][MULTITASK].mean())
+        zero[f"RouterRetriever ({chosen})"][d] = _routed(
+            "", test, [d], router(pool, chosen, insts)
+        ).per_domain[d]
+        zero["InstanceOracle"][d] = float(np.stack([test[d][m] for m in pool], 1).max(1).mean())
+
+    # Growth (Table 3, Figures 4 and 5): add experts (and their domains) one at a time.
+    growth = []
+    for m in range(1, len(experts) + 1):
+        pool, insts = experts[:m], train_inst[:m]
+        rr = _routed("", test, seen, router(pool, chosen, insts))
+        oracle = float(
+            np.mean([np.stack([test[d][e] for e in pool], 1).max(1).mean() for d in seen])
+        )
+        growth.append({"experts": pool, "router": rr.average, "instance_oracle": oracle})
+
+    accuracy = {}
+    rr_main = next(s for s in systems if s.name == f"RouterRetriever ({chosen})")
+    for d in seen:
+        accuracy[d] = rr_main.routes[d].get(d, 0.0)
+    return {
+        "systems": systems,
+        "per_expert": per_expert,
+        "zero_shot": zero,
+        "growth": growth,
+        "rule": chosen,
+        "dev_rule_scores": dev_scores,
+        "routing_accuracy": accuracy,
+        "seen": seen,
+        "unseen": unseen,
+        "dataset_oracle_choice": oracle_best,
+        "instances": {i.domain: len(i.ids) for i in train_inst},
+        "pilots": len(build_pilots(train_inst, experts)),
+        "test_queries": {d: len(test[d][BASE]) for d in [*seen, *unseen]},
+    }
+
+
+# -- step 4: report -------------------------------------------------------------------------------
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    fmt = [[f"{100 * c:.1f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    return "\n".join(
+        [
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+            *("| " + " | ".join(r) + " |" for r in fmt),
+        ]
+    )
+
+
+def write_report(exp: Experiment, res: dict[str, Any]) -> Path:
+    """Markdown tables, JSON and PNG figures in the results folder; returns the markdown path."""
+    out = exp.cfg.results
+    out.mkdir(parents=True, exist_ok=True)
+    seen, unseen = res["seen"], res["unseen"]
+    md = [
+        "# RouterRetriever experiment results",
+        "",
+        "nDCG@10 x 100 on the test splits. Routing rule chosen on dev instances: "
+        f"**{res['rule']}** (dev nDCG@10 by rule: "
+        + ", ".join(f"{k} {100 * v:.1f}" for k, v in res["dev_rule_scores"].items())
+        + ").",
+        "",
+    ]
+    md += [
+        "## Single models: each expert alone on every test set",
+        "",
+        _table(
+            ["model", *seen, *unseen, "avg (seen)"],
+            [
+                [
+                    m,
+                    *(res["per_expert"][m][d] for d in [*seen, *unseen]),
+                    float(np.mean([res["per_expert"][m][d] for d in seen])),
+                ]
+                for m in exp.models
+            ],
+        ),
+        "",
+    ]
+    md += [
+        "## Table 1: systems on the domains with experts",
+        "",
+        _table(
+            ["system", *seen, "avg"],
+            [[s.name, *(s.per_domain[d] for d in seen), s.average] for s in res["systems"]],
+        ),
+        "",
+    ]
+    md += [
+        "Routing accuracy (share of each test set routed to its own domain's expert, "
+        f"RouterRetriever ({res['rule']})): "
+        + ", ".join(f"{d} {100 * a:.0f}%" for d, a in res["routing_accuracy"].items()),
+        "",
+    ]
+    z = res["zero_shot"]
+    cols = [*seen, *unseen]
+    md += [
+        "## Table 2: zero-shot (own expert and its instances removed; unseen domains with all)",
+        "",
+        _table(
+            ["system", *cols, "avg"],
+            [
+                [k, *(v[d] for d in cols), float(np.mean([v[d] for d in cols]))]
+                for k, v in z.items()
+            ],
+        ),
+        "",
+    ]
+    md += [
+        "## Table 3: experts added one at a time (average over the domains with experts)",
+        "",
+        _table(
+            ["experts", "RouterRetriever", "InstanceOracle"],
+            [[" + ".join(g["experts"]), g["router"], g["instance_oracle"]] for g in res["growth"]],
+        ),
+        "",
+    ]
+    md += ["![growth](growth.png)", "", "![routing](routing.png)", ""]
+    path = out / "results.md"
+    atomic_write(path, lambda tmp: tmp.write_text("\n".join(md)))
+    payload = {**res, "systems": [asdict(s) | {"average": s.average} for s in res["systems"]]}
+    atomic_write(out / "results.json", lambda tmp: tmp.write_text(json.dumps(payload, indent=2)))
+    _figures(exp, res, out)
+    return path
+
+
+def _figures(exp: Experiment, res: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = res["growth"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    xs = range(1, len(g) + 1)
+    ax.plot(
+        xs, [100 * p["router"] for p in g], marker="o", label=f"RouterRetriever ({res['rule']})"
+    )
+    ax.plot(xs, [100 * p["instance_oracle"] for p in g], marker="s", label="InstanceOracle")
+    base = next(s for s in res["systems"] if s.name == "Base model").average
+    ax.axhline(100 * base, color="grey", ls="--", label="Base model")
+    ax.set_xticks(list(xs), [p["experts"][-1] for p in g], rotation=30)
+    ax.set_xlabel("expert added")
+    ax.set_ylabel("avg nDCG@10")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "growth.png", dpi=120)
+    plt.close(fig)
+
+    seen, experts = res["seen"], exp.experts
+    rr = next(s for s in res["systems"] if s.name == f"RouterRetriever ({res['rule']})")
+    io = next(s for s in res["systems"] if s.name == "InstanceOracle")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, sysres, title in ((axes[0], rr, rr.name), (axes[1], io, "InstanceOracle")):
+        m = np.array([[sysres.routes[d].get(e, 0.0) for e in experts] for d in seen])
+        ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
+        for i in range(len(seen)):
+            for j in range(len(experts)):
+                ax.text(j, i, f"{100 * m[i, j]:.0f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(experts)), experts, rotation=45)
+        ax.set_yticks(range(len(seen)), seen)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("test set")
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "routing.png", dpi=120)
+    plt.close(fig)
+
+
+def run_experiment(config: str | Path, rule: str | None = None) -> Path:
+    """Train what is missing, score everything, write the report; returns ``results.md``."""
+    cfg = ExperimentConfig.load(config)
+    start = time.perf_counter()
+    train_all(cfg)
+    exp = Experiment(cfg)
+    res = run_systems(exp, rule)
+    res["seconds"] = round(time.perf_counter() - start, 1)
+    return write_report(exp, res)
