@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,48 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "fixtures" / "tiny"
 DEMO = ROOT / "examples" / "demo"
 SHARED_DATA = ROOT.parent / "shared" / "data"
+PROBES = ["effects of statins on cancer", "wind tunnel tests of wings", "reading list"]
+
+
+def state_digest(model) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode() + v.detach().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """Two tiny experts trained on pseudo-queries of the fixture corpus, with different seeds.
+
+    Returns the encoder used for training, the store folder, and per expert the in-memory PEFT
+    model, its metadata and its embeddings of PROBES.
+    """
+    from routerretriever import Encoder
+    from routerretriever.training import TrainConfig, fit_expert, load_training_set, save_expert
+
+    enc = Encoder.load()
+    base_digest = state_digest(enc.model)
+    cache = tmp_path_factory.mktemp("cache")
+    store = tmp_path_factory.mktemp("store")
+    ts = load_training_set(enc, TINY, from_corpus=True, cache_dir=cache)
+    out = {}
+    for name, seed in (("alpha", 0), ("beta", 1)):
+        cfg = TrainConfig(
+            lr=2e-3,
+            max_steps=16,
+            eval_every=8,
+            batch_size=8,
+            hard_negatives=2,
+            keep_best=False,
+            max_query_length=32,
+            seed=seed,
+        )
+        model, info = fit_expert(enc, [ts], name, train=cfg, show_progress=False)
+        out[name] = (model, info, enc.encode(PROBES, model=model))
+        save_expert(model, info, store)
+    assert state_digest(enc.model) == base_digest  # training never touches the base encoder
+    return enc, store, out
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import hashlib
 import json
 
 import numpy as np
@@ -10,45 +9,7 @@ import torch
 from routerretriever import Encoder, ModelError
 from routerretriever.experts import check_folder, list_experts, load_expert
 from routerretriever.losses import contrastive_loss
-from routerretriever.training import TrainConfig, fit_expert, load_training_set, save_expert
-
-PROBES = ["effects of statins on cancer", "wind tunnel tests of wings", "reading list"]
-FAST = TrainConfig(
-    lr=2e-3,
-    max_steps=16,
-    eval_every=8,
-    batch_size=8,
-    hard_negatives=2,
-    keep_best=False,
-    max_query_length=32,
-)
-
-
-def state_digest(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode() + v.detach().numpy().tobytes())
-    return h.hexdigest()
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Two tiny experts trained on pseudo-queries of the fixture corpus, with different seeds."""
-    from tests.conftest import TINY
-
-    enc = Encoder.load()
-    base_digest = state_digest(enc.model)
-    cache = tmp_path_factory.mktemp("cache")
-    store = tmp_path_factory.mktemp("store")
-    ts = load_training_set(enc, TINY, from_corpus=True, cache_dir=cache)
-    out = {}
-    for name, seed in (("alpha", 0), ("beta", 1)):
-        cfg = TrainConfig(**{**FAST.__dict__, "seed": seed})
-        model, info = fit_expert(enc, [ts], name, train=cfg, show_progress=False)
-        out[name] = (model, info, enc.encode(PROBES, model=model))
-        save_expert(model, info, store)
-    assert state_digest(enc.model) == base_digest  # training never touches the base encoder
-    return enc, store, out
+from tests.conftest import PROBES
 
 
 def test_training_lowers_loss_and_changes_only_lora_weights(trained):

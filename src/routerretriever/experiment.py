@@ -24,11 +24,11 @@ import numpy as np
 
 from routerretriever.data import load_beir
 from routerretriever.encoder import BASE, Encoder
-from routerretriever.evaluation import evaluate
 from routerretriever.experts import load_expert
 from routerretriever.index import FaissIndex
 from routerretriever.pilots import DomainInstances, build_pilots
 from routerretriever.pseudo import PseudoQueryConfig
+from routerretriever.retriever import per_query_ndcg
 from routerretriever.router import RULES, expert_scores
 from routerretriever.store import atomic_write, embed_corpus
 from routerretriever.training import TrainConfig, load_training_set
@@ -166,29 +166,6 @@ class Domain:
     test_qrels: dict[str, dict[str, int]]
 
 
-def _per_query_ndcg(
-    enc: Encoder,
-    model: str,
-    dom: Domain,
-    queries: dict[str, str],
-    qrels: dict[str, dict[str, int]],
-    batch_size: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-query nDCG@10 (0 for a query with no hits) and the query embeddings used."""
-    qids = list(queries)
-    emb = enc.encode(
-        [queries[q] for q in qids],
-        experts=None if model == BASE else model,
-        batch_size=batch_size,
-        show_progress=False,
-    )
-    hits = dom.index.search(emb, 10, exclude_ids=qids)
-    per = evaluate(
-        qrels, {q: dict(h) for q, h in zip(qids, hits, strict=True)}, ["ndcg@10"]
-    ).per_query
-    return np.array([per.get(q, {}).get("ndcg@10", 0.0) for q in qids]), emb
-
-
 class Experiment:
     """Runs the steps of an :class:`ExperimentConfig` and holds their results."""
 
@@ -228,7 +205,9 @@ class Experiment:
             with np.load(path, allow_pickle=False) as f:
                 if f["qids"].tolist() == list(queries):
                     return f["ndcg"], f["emb"]
-        ndcg, emb = _per_query_ndcg(self.encoder, model, dom, queries, qrels, self.cfg.batch_size)
+        ndcg, emb = per_query_ndcg(
+            self.encoder, model, dom.index, queries, qrels, self.cfg.batch_size
+        )
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as fh:

@@ -195,3 +195,29 @@ class RouterRetriever(DenseRetriever):
 
     def search(self, queries: Mapping[str, str], k: int = 10) -> Run:
         return self.search_with_routes(queries, k)[0]
+
+
+def per_query_ndcg(
+    encoder: Encoder,
+    model: str,
+    index: VectorIndex,
+    queries: Mapping[str, str],
+    qrels: Mapping[str, Mapping[str, int]],
+    batch_size: int = 32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """nDCG@10 of each query (0 when it has no hits) with ``model`` (an expert name or ``BASE``).
+
+    Returns the scores ``(n,)`` in ``queries`` order and the query embeddings ``(n, d)``. This is
+    what the pilot library and the oracles are built from.
+    """
+    qids = list(queries)
+    emb = encoder.encode(
+        [queries[q] for q in qids],
+        experts=None if model == BASE else model,
+        batch_size=batch_size,
+        show_progress=False,
+    )
+    hits = index.search(emb, 10, exclude_ids=qids)
+    run = {q: dict(h) for q, h in zip(qids, hits, strict=True)}
+    per = evaluate(dict(qrels), run, ["ndcg@10"]).per_query
+    return np.array([per.get(q, {}).get("ndcg@10", 0.0) for q in qids]), emb
