@@ -26,3 +26,50 @@ def test_user_mistakes_are_one_line_errors(tiny, tmp_path, capsys):
     assert "queries.jsonl:1: not valid JSON" in capsys.readouterr().err
     assert main(["evaluate", str(tiny), "--metrics", "ndcg@x"]) == 2
     assert "unknown metric" in capsys.readouterr().err
+
+
+def test_train_expert_list_and_evaluate_with_it(tiny, tmp_path, capsys):
+    store = tmp_path / "store"
+    args = [
+        "train-expert",
+        "tiny",
+        "--dataset",
+        str(tiny),
+        "--from-corpus",
+        "--out",
+        str(store),
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--max-steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--batch-size",
+        "8",
+    ]
+    assert main(args) == 0
+    assert "expert tiny ->" in capsys.readouterr().out
+    assert (store / "tiny" / "adapter_model.safetensors").is_file()
+    assert main(["experts", "list", str(store)]) == 0
+    assert "| tiny " in capsys.readouterr().out
+    out = tmp_path / "e.json"
+    assert (
+        main(
+            [
+                "evaluate",
+                str(tiny),
+                "--expert",
+                str(store / "tiny"),
+                "--cache-dir",
+                str(tmp_path / "c"),
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert json.loads(out.read_text())["tiny"]["expert"] == "tiny"
+    assert main(["train-expert", "bad/name", "--dataset", str(tiny)]) == 2
+    assert "invalid expert name" in capsys.readouterr().err
+    assert main(["train-expert", "x", "--dataset", str(tiny), "--split", "test"]) == 2
+    assert "test split is for evaluation only" in capsys.readouterr().err

@@ -63,7 +63,10 @@ def test_routing_rules():
     d2 = inst("b", [[0, 1]] + [[0.6, 0.8]] * 3, A=[1, 0, 0, 0], B=[0, 1, 1, 1])
     lib = build_pilots([d1, d2], ["A", "B"])
     assert sorted((p.expert, p.domain, p.size) for p in lib.pilots) == [
-        ("A", "a", 8), ("A", "b", 1), ("B", "b", 3)]
+        ("A", "a", 8),
+        ("A", "b", 1),
+        ("B", "b", 3),
+    ]
     q = np.array([[0.8, 0.6]], dtype=np.float32)
     mean, weighted, nearest = (expert_scores(q, lib, r)[0] for r in ("mean", "weighted", "nearest"))
     np.testing.assert_allclose(mean, [(0.8 + 0.6) / 2, 0.96])

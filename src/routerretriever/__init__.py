@@ -18,7 +18,9 @@ from routerretriever.encoder import Encoder, EncoderSettings
 from routerretriever.errors import DataError, ModelError, RouterRetrieverError
 from routerretriever.evaluation import EvalResult, evaluate
 from routerretriever.index import FaissIndex, VectorIndex
-from routerretriever.retriever import DenseRetriever, evaluate_retriever
+from routerretriever.pilots import PilotLibrary, build_pilots
+from routerretriever.retriever import DenseRetriever, RouterRetriever, evaluate_retriever
+from routerretriever.router import RouteDecision, route
 from routerretriever.store import embed_corpus
 
 __version__ = "0.1.0"
@@ -34,11 +36,15 @@ __all__ = [
     "EvalResult",
     "FaissIndex",
     "ModelError",
+    "PilotLibrary",
+    "RouteDecision",
+    "RouterRetriever",
     "Qrels",
     "Queries",
     "RouterRetrieverError",
     "Run",
     "VectorIndex",
+    "build_pilots",
     "embed_corpus",
     "evaluate",
     "evaluate_retriever",
@@ -46,4 +52,5 @@ __all__ = [
     "load_corpus",
     "load_qrels",
     "load_queries",
+    "route",
 ]

@@ -67,6 +67,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             "split": args.split,
             "model": str(encoder.model_path),
             "encoder": encoder.fingerprint,
+            "expert": expert,
             "docs": len(dataset.corpus),
             "queries": result.num_queries,
             "scores": result.scores,

@@ -45,6 +45,7 @@ class DomainSpec:
     name: str
     path: Path
     train: str = "corpus"  # a labelled split name, "corpus" (pseudo-queries) or "none" (zero-shot)
+    overrides: dict[str, Any] = field(default_factory=dict)  # [train] settings for this expert
 
 
 @dataclass
@@ -78,9 +79,13 @@ class ExperimentConfig:
         if bad:
             raise ValueError(f"{path}: unknown [train] keys {bad}; known: {sorted(known)}")
         domains = [
-            DomainSpec(d["name"], root / d["path"], d.get("train", "corpus"))
+            DomainSpec(d["name"], root / d["path"], d.get("train", "corpus"), d.get("overrides", {}))
             for d in raw.get("domains", [])
         ]
+        for d in domains:
+            bad = sorted(set(d.overrides) - known)
+            if bad:
+                raise ValueError(f"{path}: domain {d.name!r}: unknown overrides {bad}")
         if not domains:
             raise ValueError(f"{path}: no [[domains]]")
         return cls(
@@ -127,6 +132,8 @@ def _train_args(
     if cfg.cache_dir:
         args += ["--cache-dir", str(cfg.cache_dir)]
     t = cfg.train
+    if len(specs) == 1 and specs[0].overrides:
+        t = TrainConfig(**{**asdict(t), **specs[0].overrides})
     for flag in (
         "lr",
         "batch_size",
@@ -596,4 +603,8 @@ def run_experiment(config: str | Path, rule: str | None = None) -> Path:
     exp = Experiment(cfg)
     res = run_systems(exp, rule)
     res["seconds"] = round(time.perf_counter() - start, 1)
+    # Save the pilot libraries (with and without the base model in the pool) for reuse.
+    train_inst = exp.instances("train")
+    build_pilots(train_inst, exp.experts).save(cfg.results / "pilots")
+    build_pilots(train_inst, [BASE, *exp.experts]).save(cfg.results / "pilots-with-base")
     return write_report(exp, res)

@@ -1,0 +1,75 @@
+"""Routed query embedding (route + expert pass) against plain base-model embedding.
+
+Same queries, same batch size, same run, alternating, median of several rounds. Prints queries/s
+of both and the ratio routed / plain (the paper pays two forward passes per query: 0.5).
+
+    python benchmarks/route_speed.py --store runs/paper/experts --pilots runs/paper/results/pilots \
+        --data ../shared/data --queries 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = ["beir/scifact", "beir/nfcorpus", "classic/cranfield", "classic/cisi", "classic/med"]
+
+
+def main() -> None:
+    from routerretriever import Encoder, load_queries
+    from routerretriever.experts import load_expert
+    from routerretriever.pilots import PilotLibrary
+    from routerretriever.retriever import RouterRetriever
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", type=Path, required=True)
+    parser.add_argument("--pilots", type=Path, required=True, action="append",
+                        help="pilot library folder (repeat to compare several, e.g. with base)")
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data")
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rule", default="weighted")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    texts: list[str] = []
+    per_source = args.queries // len(SOURCES) + 1
+    for src in SOURCES:
+        texts += list(load_queries(args.data / src).values())[:per_source]
+    texts = texts[: args.queries]
+    enc = Encoder.load()
+    libs = {p: PilotLibrary.load(p) for p in args.pilots}
+    for name in sorted({e for lib in libs.values() for e in lib.experts if e != "__base__"}):
+        load_expert(enc, args.store / name)
+    routers = {p: RouterRetriever(enc, lib, rule=args.rule, batch_size=args.batch_size,
+                                  show_progress=False) for p, lib in libs.items()}
+    enc.encode(texts[:64], batch_size=args.batch_size, show_progress=False)  # warm-up
+
+    times: dict[str, list[float]] = collections.defaultdict(list)
+    for _ in range(args.rounds):
+        start = time.perf_counter()
+        enc.encode(texts, batch_size=args.batch_size, show_progress=False)
+        times["plain"].append(time.perf_counter() - start)
+        for p, rr in routers.items():
+            start = time.perf_counter()
+            rr.encode_queries(texts)
+            times[str(p)].append(time.perf_counter() - start)
+    plain = len(texts) / statistics.median(times["plain"])
+    print(f"{len(texts)} queries from {', '.join(SOURCES)}; batch size {args.batch_size}; "
+          f"rule {args.rule}; median of {args.rounds} rounds")
+    print("| system | queries/s | ratio to plain | routed to |")
+    print("|---|---|---|---|")
+    print(f"| plain base model | {plain:.1f} | 1.00 | |")
+    for p, rr in routers.items():
+        qps = len(texts) / statistics.median(times[str(p)])
+        shares = collections.Counter(d.expert for d in rr.route(texts))
+        mix = ", ".join(f"{e} {100 * c / len(texts):.0f}%" for e, c in shares.most_common())
+        print(f"| routed, pilots {p.name} | {qps:.1f} | {qps / plain:.2f} | {mix} |")
+
+
+if __name__ == "__main__":
+    main()
