@@ -46,8 +46,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise RouterRetrieverError(f"--json {args.json}: is a folder; give a file path")
     datasets = [load_beir(folder, args.split) for folder in args.datasets]  # fail before the model
     encoder = Encoder.load(args.model, max_length=args.max_length)
+    expert = None
+    if args.expert:
+        from routerretriever.experts import load_expert
+
+        expert = load_expert(encoder, args.expert).name
     retriever = DenseRetriever(
-        encoder, batch_size=args.batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache
+        encoder,
+        expert=expert,
+        batch_size=args.batch_size,
+        cache_dir=args.cache_dir,
+        use_cache=not args.no_cache,
     )
     rows, report = [], {}
     for folder, dataset in zip(args.datasets, datasets, strict=True):
