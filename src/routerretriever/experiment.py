@@ -318,6 +318,13 @@ def _routed(name: str, test: dict, domains: Sequence[str], choose) -> SystemResu
     return SystemResult(name, per, routes)
 
 
+def _oracle_picks(test_d: dict[str, np.ndarray], experts: list[str], domain: str) -> list[str]:
+    """Each query's best expert; a tie goes to the domain's own expert when it is among the best
+    (so the routing heatmap does not credit ties to whichever expert is listed first)."""
+    order = sorted(experts, key=lambda e: e != domain)  # own expert first, then as listed
+    return [order[j] for j in np.stack([test_d[m] for m in order], 1).argmax(1)]
+
+
 def run_systems(exp: Experiment, rule: str | None = None) -> dict[str, Any]:
     """All systems of the paper's Table 1, plus zero-shot (Table 2) and growth (Table 3)."""
     cfg = exp.cfg
@@ -407,7 +414,7 @@ def run_systems(exp: Experiment, rule: str | None = None) -> dict[str, Any]:
             "InstanceOracle",
             test,
             seen,
-            lambda d, e: [experts[j] for j in np.stack([test[d][m] for m in experts], 1).argmax(1)],
+            lambda d, e: _oracle_picks(test[d], experts, d),
         )
     )
 
