@@ -116,3 +116,21 @@ def test_contrastive_loss_masks_false_negatives():
     ce = torch.nn.functional.cross_entropy
     expected = (ce(scores[0, :2], targets[0]) + ce(scores[1], targets[1])) / 2
     assert torch.allclose(masked, expected, atol=1e-5)
+
+
+def test_killed_expert_write_leaves_old_expert_intact(trained, tmp_path):
+    from routerretriever.experts import ExpertInfo, write_expert_folder
+
+    _, store, _ = trained
+    target = tmp_path / "alpha"
+    target.mkdir()
+    (target / "expert.json").write_text('{"name": "alpha"}')
+
+    def write(tmp):
+        (tmp / "adapter_model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_expert_folder(target, write, ExpertInfo("alpha", "m", "f"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alpha"]
+    assert (target / "expert.json").read_text() == '{"name": "alpha"}'
