@@ -148,3 +148,15 @@ def test_unknown_expert_in_library_is_refused(setup):
     )
     with pytest.raises(ValueError, match=r"names expert\(s\) \['gamma'\] not loaded"):
         RouterRetriever(enc, lib)
+
+
+def test_save_load_round_trip(setup, tmp_path):
+    enc, ds, index, domains = setup
+    insts, _ = instances(enc, index, domains, ["titles", "crops"], [BASE, "alpha", "beta"], [])
+    rr = RouterRetriever(enc, build_pilots(insts, [BASE, "alpha", "beta"]), rule="nearest")
+    texts = list(ds.queries.values())
+    rr.save(tmp_path / "rr")
+    back = RouterRetriever.load(tmp_path / "rr")
+    assert back.rule == "nearest" and back.encoder.experts == ["alpha", "beta"]
+    assert [d.expert for d in back.route(texts)] == [d.expert for d in rr.route(texts)]
+    np.testing.assert_allclose(back.encode_queries(texts), rr.encode_queries(texts), atol=1e-6)

@@ -160,6 +160,7 @@ class Encoder:
         self.device = torch.device(device)
         self._fingerprint: str | None = None
         self._peft: Any = None  # a peft.PeftModel over ``model`` once an expert is loaded
+        self.expert_dirs: dict[str, Path] = {}  # where each loaded expert came from
 
     @classmethod
     def load(
@@ -301,6 +302,7 @@ class Encoder:
         else:
             self._peft.load_adapter(str(folder), adapter_name=name, is_trainable=False)
         self._peft.eval().requires_grad_(False)
+        self.expert_dirs[name] = Path(folder)
 
     def remove_adapter(self, name: str) -> None:
         """Unload expert ``name``; the base model's own weights are untouched throughout."""
@@ -311,6 +313,7 @@ class Encoder:
             self._peft = None
         else:
             self._peft.delete_adapter(name)
+        self.expert_dirs.pop(name, None)
 
     def forward(
         self,

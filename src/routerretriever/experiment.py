@@ -79,7 +79,9 @@ class ExperimentConfig:
         if bad:
             raise ValueError(f"{path}: unknown [train] keys {bad}; known: {sorted(known)}")
         domains = [
-            DomainSpec(d["name"], root / d["path"], d.get("train", "corpus"), d.get("overrides", {}))
+            DomainSpec(
+                d["name"], root / d["path"], d.get("train", "corpus"), d.get("overrides", {})
+            )
             for d in raw.get("domains", [])
         ]
         for d in domains:

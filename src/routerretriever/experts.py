@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +17,7 @@ from typing import Any
 
 from routerretriever.encoder import BASE, Encoder
 from routerretriever.errors import ModelError
+from routerretriever.store import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -149,19 +147,9 @@ def write_expert_folder(target: Path, write: Callable[[Path], None], info: Exper
 
     An existing expert of the same name is replaced only once the new one is complete.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    try:
+
+    def fill(tmp: Path) -> None:
         write(tmp)
         (tmp / METADATA).write_text(json.dumps(asdict(info), indent=2) + "\n")
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+
+    return atomic_dir(target, fill)

@@ -6,8 +6,10 @@ Documents are embedded once by the frozen base model (and cached on disk); queri
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +17,12 @@ import numpy as np
 
 from routerretriever.data import BeirDataset, Corpus, Document, Run
 from routerretriever.encoder import BASE, Encoder
+from routerretriever.errors import ModelError
 from routerretriever.evaluation import DEFAULT_METRICS, EvalResult, evaluate, parse_metric
 from routerretriever.index import FaissIndex, VectorIndex
 from routerretriever.pilots import PilotLibrary
 from routerretriever.router import RULES, RouteDecision, Rule, route
-from routerretriever.store import embed_corpus
+from routerretriever.store import atomic_dir, embed_corpus
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +198,55 @@ class RouterRetriever(DenseRetriever):
 
     def search(self, queries: Mapping[str, str], k: int = 10) -> Run:
         return self.search_with_routes(queries, k)[0]
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``router.json``, ``pilots/`` and ``experts/<name>/`` into ``path`` (atomically).
+
+        The corpus index is not saved: it is rebuilt from the corpus and the embedding cache.
+        """
+        import shutil
+
+        from routerretriever import __version__
+
+        names = [e for e in self.pilots.experts if e != BASE]
+        manifest = {
+            "version": 1,
+            "routerretriever": __version__,
+            "rule": self.rule,
+            "base_model": str(self.encoder.model_path),
+            "base_fingerprint": self.encoder.weights_fingerprint,
+            "encoder_settings": asdict(self.encoder.settings),
+            "experts": names,
+        }
+
+        def fill(tmp: Path) -> None:
+            self.pilots.save(tmp / "pilots")
+            for name in names:
+                shutil.copytree(self.encoder.expert_dirs[name], tmp / "experts" / name)
+            (tmp / "router.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+        return atomic_dir(Path(path), fill)
+
+    @classmethod
+    def load(
+        cls, path: str | Path, base_model: str | None = None, **kwargs: Any
+    ) -> RouterRetriever:
+        """Inverse of :meth:`save`; ``base_model`` overrides the saved base model location."""
+        from routerretriever.experts import load_expert
+
+        path = Path(path)
+        manifest_file = path / "router.json"
+        if not manifest_file.is_file():
+            raise ModelError(f"{path}: no router.json; not a saved RouterRetriever")
+        manifest = json.loads(manifest_file.read_text())
+        settings = manifest["encoder_settings"]
+        saved = manifest["base_model"]
+        if base_model is None and not Path(saved).is_dir():
+            saved = None  # e.g. saved on another machine: fall back to the packaged default
+        encoder = Encoder.load(base_model or saved, **settings)
+        for name in manifest["experts"]:
+            load_expert(encoder, path / "experts" / name, name)
+        return cls(encoder, PilotLibrary.load(path / "pilots"), rule=manifest["rule"], **kwargs)
 
 
 def per_query_ndcg(
