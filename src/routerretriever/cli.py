@@ -103,6 +103,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_train_expert(args: argparse.Namespace) -> int:
     from routerretriever.encoder import Encoder
     from routerretriever.experts import ExpertConfig, check_name
+    from routerretriever.pseudo import PseudoQueryConfig
     from routerretriever.training import TrainConfig, load_training_set, train_expert
 
     check_name(args.name)
@@ -125,7 +126,8 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
     if not args.dataset and not args.corpus:
         raise RouterRetrieverError("give at least one --dataset DIR or --corpus DIR")
     encoder = Encoder.load(args.model)
-    common = dict(dev_split=args.dev_split, cache_dir=args.cache_dir, seed=args.seed)
+    pseudo = PseudoQueryConfig(crops_per_doc=args.crops_per_doc, max_docs=args.max_docs)
+    common = dict(dev_split=args.dev_split, cache_dir=args.cache_dir, seed=args.seed, pseudo=pseudo)
     sets = [
         load_training_set(
             encoder,
@@ -288,6 +290,18 @@ def build_parser() -> argparse.ArgumentParser:
             "--" + flag, type=typ, default=default, help=f"LoRA {flag} (default: {default})"
         )
     tr.add_argument("--target-modules", default=",".join(defaults.lora.target_modules))
+    tr.add_argument(
+        "--crops-per-doc",
+        type=int,
+        default=2,
+        help="pseudo-queries: text crops per document (default: 2)",
+    )
+    tr.add_argument(
+        "--max-docs",
+        type=int,
+        default=None,
+        help="pseudo-queries: sample at most this many documents (default: all)",
+    )
     tr.set_defaults(func=cmd_train_expert)
 
     ex = sub.add_parser("experts", help="inspect an expert store")

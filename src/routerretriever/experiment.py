@@ -133,6 +133,9 @@ def _train_args(
                 args += ["--split", spec.train]
     if cfg.cache_dir:
         args += ["--cache-dir", str(cfg.cache_dir)]
+    args += ["--crops-per-doc", str(cfg.pseudo.crops_per_doc)]
+    if cfg.pseudo.max_docs is not None:
+        args += ["--max-docs", str(cfg.pseudo.max_docs)]
     t = cfg.train
     if len(specs) == 1 and specs[0].overrides:
         t = TrainConfig(**{**asdict(t), **specs[0].overrides})
@@ -199,6 +202,7 @@ class Experiment:
                 ds.qrels,
             )
         self.cache = cfg.results / "cache"
+        self._training_sets: dict[str, Any] = {}
 
     def _scores(
         self,
@@ -244,15 +248,17 @@ class Experiment:
         out = []
         for spec in self.cfg.expert_domains:
             dom = self.domains[spec.name]
-            ts = load_training_set(
-                self.encoder,
-                spec.path,
-                split=None if spec.train == "corpus" else spec.train,
-                from_corpus=spec.train == "corpus",
-                pseudo=self.cfg.pseudo,
-                cache_dir=self.cfg.cache_dir,
-                seed=self.cfg.train.seed,
-            )
+            if spec.name not in self._training_sets:  # the same queries the expert trained on
+                self._training_sets[spec.name] = load_training_set(
+                    self.encoder,
+                    spec.path,
+                    split=None if spec.train == "corpus" else spec.train,
+                    from_corpus=spec.train == "corpus",
+                    pseudo=self.cfg.pseudo,
+                    cache_dir=self.cfg.cache_dir,
+                    seed=self.cfg.train.seed,
+                )
+            ts = self._training_sets[spec.name]
             queries, qrels = (
                 (ts.queries, ts.qrels) if part == "train" else (ts.dev_queries, ts.dev_qrels)
             )
