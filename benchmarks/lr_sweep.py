@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--patience", type=int, default=6)
     parser.add_argument("--mine-skip", type=int, default=0)
+    parser.add_argument("--hard-negatives", type=int, default=3)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -34,12 +35,14 @@ def main() -> None:
     ts = load_training_set(enc, args.dataset, split=None if args.from_corpus else args.split,
                            from_corpus=args.from_corpus)
     print(f"{args.dataset.name}: {len(ts.positives)} training queries, {len(ts.dev_qrels)} dev "
-          f"queries ({ts.source}); budget {args.max_steps} steps")
+          f"queries ({ts.source}); budget {args.max_steps} steps; {args.hard_negatives} mined "
+          f"negatives per query from base-model rank {args.mine_skip}")
     print("| lr | dev nDCG@10 (base) | best | best step | steps run | seconds |")
     print("|---|---|---|---|---|---|")
     for lr in (float(x) for x in args.lrs.split(",")):
         cfg = TrainConfig(lr=lr, max_steps=args.max_steps, eval_every=args.eval_every,
-                          patience=args.patience, mine_skip=args.mine_skip)
+                          patience=args.patience, mine_skip=args.mine_skip,
+                          hard_negatives=args.hard_negatives)
         _, info = fit_expert(enc, [ts], "sweep", train=cfg, show_progress=False)
         print(f"| {lr:g} | {info.dev['base_ndcg@10']:.4f} | {info.dev['ndcg@10']:.4f} "
               f"| {info.training['best_step']} | {info.training['steps_run']} "
