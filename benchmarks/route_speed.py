@@ -36,10 +36,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
+    pools = [list(load_queries(args.data / src).values()) for src in SOURCES]
     texts: list[str] = []
-    per_source = args.queries // len(SOURCES) + 1
-    for src in SOURCES:
-        texts += list(load_queries(args.data / src).values())[:per_source]
+    for i in range(max(map(len, pools))):  # round-robin over the sources until enough
+        texts += [pool[i] for pool in pools if i < len(pool)]
     texts = texts[: args.queries]
     enc = Encoder.load()
     libs = {p: PilotLibrary.load(p) for p in args.pilots}

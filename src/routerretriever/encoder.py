@@ -37,7 +37,7 @@ _ST_POOLING_KEYS = {
 }
 _FINGERPRINT_VERSION = 1  # bump when encoding semantics change, to invalidate cached embeddings
 _TOKENIZE_CHUNK = 16384  # texts tokenised and length-sorted at a time, to bound memory
-BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+BASE = "__base__"  # the base model's name in an expert pool (never an expert's name)
 
 
 def default_model_path() -> str:
@@ -159,7 +159,10 @@ class Encoder:
         self.model_path = model_path
         self.device = torch.device(device)
         self._fingerprint: str | None = None
-        self._peft: Any = None  # a peft.PeftModel over ``model`` once an expert is loaded
+        # Each loaded expert as merged weights {param name: W + scale * B @ A}, applied with
+        # torch.func.functional_call: the base model itself is never modified, and an expert pass
+        # costs exactly a base pass (no extra LoRA matmuls at inference).
+        self._experts: dict[str, dict[str, torch.Tensor]] = {}
         self.expert_dirs: dict[str, Path] = {}  # where each loaded expert came from
 
     @classmethod
@@ -285,56 +288,73 @@ class Encoder:
     @property
     def experts(self) -> list[str]:
         """Names of the experts loaded on this base model."""
-        return [] if self._peft is None else sorted(self._peft.peft_config)
+        return sorted(self._experts)
 
     def add_adapter(self, name: str, folder: str | os.PathLike[str]) -> None:
-        """Load a PEFT adapter folder as expert ``name`` (validation lives in ``experts.py``)."""
-        from peft import PeftModel
+        """Load a PEFT LoRA adapter folder as expert ``name`` (checks live in ``experts.py``).
 
-        if name in self.experts:
+        Standard LoRA only (no DoRA, no rank or alpha patterns); the weights are read from
+        ``adapter_model.safetensors`` and merged into copies of the targeted base weights.
+        """
+        from safetensors.torch import load_file
+
+        if name in self._experts:
             raise ValueError(f"an expert named {name!r} is already loaded; remove it first")
         if name == BASE:
             raise ValueError(f"{BASE!r} is reserved for the base model")
-        if self._peft is None:
-            self._peft = PeftModel.from_pretrained(
-                self.model, str(folder), adapter_name=name, is_trainable=False
+        folder = Path(folder)
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        unsupported = [k for k in ("use_dora", "use_rslora", "fan_in_fan_out") if cfg.get(k)]
+        unsupported += [k for k in ("rank_pattern", "alpha_pattern") if cfg.get(k)]
+        if cfg.get("peft_type", "LORA") != "LORA" or unsupported:
+            raise ModelError(
+                f"{folder}: unsupported adapter settings {unsupported or cfg.get('peft_type')}"
             )
-        else:
-            self._peft.load_adapter(str(folder), adapter_name=name, is_trainable=False)
-        self._peft.eval().requires_grad_(False)
-        self.expert_dirs[name] = Path(folder)
+        scale = float(cfg["lora_alpha"]) / float(cfg["r"])
+        weights = load_file(str(folder / "adapter_model.safetensors"))
+        params = dict(self.model.named_parameters())
+        merged: dict[str, torch.Tensor] = {}
+        for key, a in weights.items():
+            if ".lora_A." not in key:
+                continue
+            b = weights.get(key.replace(".lora_A.", ".lora_B."))
+            target = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+            if b is None or target not in params:
+                raise ModelError(f"{folder}: adapter weight {key!r} matches no base-model layer")
+            w = params[target].detach()
+            merged[target] = w + scale * (b.to(w.dtype) @ a.to(w.dtype)).to(w.device)  # (out, in)
+        if not merged or len(merged) * 2 != sum(".lora_" in k for k in weights):
+            raise ModelError(f"{folder}: adapter_model.safetensors holds no usable LoRA weights")
+        self._experts[name] = merged
+        self.expert_dirs[name] = folder
 
     def remove_adapter(self, name: str) -> None:
         """Unload expert ``name``; the base model's own weights are untouched throughout."""
-        if name not in self.experts:
+        if name not in self._experts:
             raise ValueError(f"unknown expert {name!r}; loaded: {self.experts}")
-        if len(self.experts) == 1:
-            self.model = self._peft.unload()  # removes the LoRA layers, restoring plain modules
-            self._peft = None
-        else:
-            self._peft.delete_adapter(name)
+        del self._experts[name]
         self.expert_dirs.pop(name, None)
 
     def forward(
         self,
         batch: dict[str, torch.Tensor],
         model: torch.nn.Module | None = None,
-        experts: Sequence[str | None] | None = None,
+        expert: str | None = None,
     ) -> torch.Tensor:
         """Embed one collated batch ``(B, L)`` to ``(B, d)``; keeps autograd.
 
-        ``model`` swaps in another module (training does this); ``experts`` names, per row, the
-        loaded expert to apply (``None``: the base model), in one mixed-batch LoRA pass.
+        ``model`` swaps in another module (training does this); ``expert`` applies a loaded
+        expert's merged weights to the base model for this call only.
         """
-        kwargs: dict[str, Any] = {}
-        net = model if model is not None else self.model
-        if model is None and self._peft is not None:
-            net = self._peft  # LoRA layers sit inside the base model: always say which to use
-            names = [None] * len(batch["input_ids"]) if experts is None else experts
-            kwargs["adapter_names"] = [BASE if e is None else e for e in names]
-        elif experts is not None and any(e is not None for e in experts):
-            raise ValueError(f"no experts loaded; got {sorted({e for e in experts if e})}")
-        out = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if model is not None:
+            out = model(**inputs)
+        elif expert is not None:
+            out = torch.func.functional_call(
+                self.model, self._experts[expert], args=(), kwargs=inputs
+            )
+        else:
+            out = self.model(**inputs)
         return self.pool(out.last_hidden_state, batch["attention_mask"])
 
     def encode(
@@ -353,7 +373,7 @@ class Encoder:
         on the input order beyond that. ``show_progress=None`` shows a bar on a terminal only.
         ``model`` swaps in another module with the same interface (e.g. the base plus a LoRA).
         ``experts`` applies a loaded expert to every text (a name) or per text (a list, ``None``
-        meaning the base model), in mixed batches.
+        meaning the base model); batches are formed per expert.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -366,10 +386,12 @@ class Encoder:
             unknown = sorted({e for e in per_text if e is not None} - set(self.experts))
             if unknown:
                 raise ValueError(f"unknown expert(s) {unknown}; loaded: {self.experts}")
+            if model is not None and any(e is not None for e in per_text):
+                raise ValueError("pass either model or experts, not both")
         out = np.empty((len(texts), self.dim), dtype=np.float32)  # (n, d)
         if not texts:
             return out
-        net = model if model is not None else (self._peft or self.model)
+        net = model if model is not None else self.model
         was_training = net.training
         net.eval()
         disable = None if show_progress is None else not show_progress  # None: only on a TTY
@@ -379,12 +401,20 @@ class Encoder:
                 for start in range(0, len(texts), _TOKENIZE_CHUNK):
                     chunk = texts[start : start + _TOKENIZE_CHUNK]
                     ids = self.tokenize(chunk)
-                    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-                    for b in range(0, len(order), batch_size):
-                        rows = order[b : b + batch_size]
-                        names = None if per_text is None else [per_text[start + i] for i in rows]
+                    # Batches never mix experts; within an expert, longest first (least padding).
+                    groups: dict[str | None, list[int]] = {}
+                    for i in sorted(range(len(ids)), key=lambda i: -len(ids[i])):
+                        groups.setdefault(
+                            None if per_text is None else per_text[start + i], []
+                        ).append(i)
+                    batches = [
+                        (e, g[b : b + batch_size])
+                        for e, g in groups.items()
+                        for b in range(0, len(g), batch_size)
+                    ]
+                    for expert, rows in batches:
                         batch = self.collate([ids[i] for i in rows])
-                        emb = self.forward(batch, model, names)  # (B, d)
+                        emb = self.forward(batch, model, expert)  # (B, d)
                         out[[start + i for i in rows]] = emb.float().cpu().numpy()
                         bar.update(len(rows))
         finally:
