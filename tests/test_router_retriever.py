@@ -160,3 +160,32 @@ def test_save_load_round_trip(setup, tmp_path):
     assert back.rule == "nearest" and back.encoder.experts == ["alpha", "beta"]
     assert [d.expert for d in back.route(texts)] == [d.expert for d in rr.route(texts)]
     np.testing.assert_allclose(back.encode_queries(texts), rr.encode_queries(texts), atol=1e-6)
+
+
+def test_identity_expert_runs_as_the_base_model(trained, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _, store, _ = trained
+    ident = tmp_path / "ident"
+    shutil.copytree(store / "alpha", ident)
+    w = load_file(str(ident / "adapter_model.safetensors"))
+    save_file(
+        {k: v * 0 if ".lora_B." in k else v for k, v in w.items()},
+        str(ident / "adapter_model.safetensors"),
+    )
+    enc = Encoder.load()
+    load_expert(enc, ident, "ident")
+    load_expert(enc, store / "alpha")
+    assert enc.is_identity("ident") and not enc.is_identity("alpha")
+    texts = ["statins and breast cancer", "wing flutter"]
+    np.testing.assert_array_equal(enc.encode(texts, experts="ident"), enc.encode(texts))
+    lib = build_pilots(
+        [DomainInstances("d", ["q"], enc.encode(texts[:1]), {"ident": np.ones(1)})], ["ident"]
+    )
+    counted = []
+    original = enc.encode
+    enc.encode = lambda t, **kw: counted.append(len(t)) or original(t, **kw)
+    RouterRetriever(enc, lib).encode_queries(texts)
+    assert counted == [2]  # the routing pass only

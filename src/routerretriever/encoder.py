@@ -164,6 +164,7 @@ class Encoder:
         # costs exactly a base pass (no extra LoRA matmuls at inference).
         self._experts: dict[str, dict[str, torch.Tensor]] = {}
         self.expert_dirs: dict[str, Path] = {}  # where each loaded expert came from
+        self._identity: set[str] = set()
 
     @classmethod
     def load(
@@ -327,6 +328,14 @@ class Encoder:
             raise ModelError(f"{folder}: adapter_model.safetensors holds no usable LoRA weights")
         self._experts[name] = merged
         self.expert_dirs[name] = folder
+        if all(not w.any() for k, w in weights.items() if ".lora_B." in k):
+            # LoRA's B starts at zero: an expert that early stopping kept at step 0 is the base
+            # model exactly, and is run as the base model (a routed query then costs one pass).
+            self._identity.add(name)
+
+    def is_identity(self, name: str) -> bool:
+        """True when expert ``name`` leaves the base model unchanged (all LoRA B weights zero)."""
+        return name in self._identity
 
     def remove_adapter(self, name: str) -> None:
         """Unload expert ``name``; the base model's own weights are untouched throughout."""
@@ -334,6 +343,7 @@ class Encoder:
             raise ValueError(f"unknown expert {name!r}; loaded: {self.experts}")
         del self._experts[name]
         self.expert_dirs.pop(name, None)
+        self._identity.discard(name)
 
     def forward(
         self,
@@ -404,9 +414,8 @@ class Encoder:
                     # Batches never mix experts; within an expert, longest first (least padding).
                     groups: dict[str | None, list[int]] = {}
                     for i in sorted(range(len(ids)), key=lambda i: -len(ids[i])):
-                        groups.setdefault(
-                            None if per_text is None else per_text[start + i], []
-                        ).append(i)
+                        e = None if per_text is None else per_text[start + i]
+                        groups.setdefault(None if e in self._identity else e, []).append(i)
                     batches = [
                         (e, g[b : b + batch_size])
                         for e, g in groups.items()

@@ -167,7 +167,12 @@ class RouterRetriever(DenseRetriever):
             texts, batch_size=bs, show_progress=self.show_progress, desc="route"
         )
         decisions = route(emb, self.pilots, self.rule)
-        todo = [i for i, d in enumerate(decisions) if d.expert != BASE]
+        # The routing embedding is final for the base model (and for identity experts).
+        todo = [
+            i
+            for i, d in enumerate(decisions)
+            if d.expert != BASE and not self.encoder.is_identity(d.expert)
+        ]
         if todo:
             emb[todo] = self.encoder.encode(
                 [texts[i] for i in todo],
