@@ -136,6 +136,20 @@ def _weights_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
+def _batches(ids: Sequence[Sequence[int]], order: list[int], size: int) -> list[list[int]]:
+    """Cut rows sorted longest first into batches of at most ``size``, also closing a batch
+    before a text half as long as its longest: padding it would waste over half the batch."""
+    out: list[list[int]] = []
+    start = 0
+    while start < len(order):
+        longest, end = len(ids[order[start]]), start + 1
+        while end < len(order) and end - start < size and 2 * len(ids[order[end]]) > longest:
+            end += 1
+        out.append(order[start:end])
+        start = end
+    return out
+
+
 class Encoder:
     """A frozen transformer that turns texts into ``float32`` vectors of shape ``(n, dim)``.
 
@@ -417,9 +431,9 @@ class Encoder:
                         e = None if per_text is None else per_text[start + i]
                         groups.setdefault(None if e in self._identity else e, []).append(i)
                     batches = [
-                        (e, g[b : b + batch_size])
+                        (e, rows)
                         for e, g in groups.items()
-                        for b in range(0, len(g), batch_size)
+                        for rows in _batches(ids, g, batch_size)
                     ]
                     for expert, rows in batches:
                         batch = self.collate([ids[i] for i in rows])
