@@ -126,7 +126,12 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
     if not args.dataset and not args.corpus:
         raise RouterRetrieverError("give at least one --dataset DIR or --corpus DIR")
     encoder = Encoder.load(args.model)
-    pseudo = PseudoQueryConfig(crops_per_doc=args.crops_per_doc, max_docs=args.max_docs)
+    pseudo = PseudoQueryConfig(
+        crops_per_doc=args.crops_per_doc,
+        max_docs=args.max_docs,
+        min_words=args.min_words,
+        max_words=args.max_words,
+    )
     common = dict(dev_split=args.dev_split, cache_dir=args.cache_dir, seed=args.seed, pseudo=pseudo)
     sets = [
         load_training_set(
@@ -295,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=2,
         help="pseudo-queries: text crops per document (default: 2)",
+    )
+    tr.add_argument(
+        "--min-words", type=int, default=5, help="pseudo-queries: shortest crop (default: 5)"
+    )
+    tr.add_argument(
+        "--max-words", type=int, default=16, help="pseudo-queries: longest crop (default: 16)"
     )
     tr.add_argument(
         "--max-docs",
