@@ -258,12 +258,12 @@ class Encoder:
             self._fingerprint = hashlib.sha256(payload.encode()).hexdigest()[:16]
         return self._fingerprint
 
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each text, truncated to ``max_length``, unpadded."""
+    def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
+        """Token ids of each text, truncated to ``max_length`` (default: the encoder's), unpadded."""
         out = self.tokenizer(
             list(texts),
             truncation=True,
-            max_length=self.settings.max_length,
+            max_length=max_length or self.settings.max_length,
             padding=False,
             return_attention_mask=False,
             return_token_type_ids=False,

@@ -185,8 +185,8 @@ class _Domain:
             {self.row[d] for d, s in ts.qrels[q].items() if s > 0 and d in self.row}
             for q in self.qids
         ]
-        ids = encoder.tokenize([ts.queries[q] for q in self.qids])
-        self.token_ids = [x[:max_len] for x in ids]
+        # Truncated by the tokenizer, so long queries keep their closing special token.
+        self.token_ids = encoder.tokenize([ts.queries[q] for q in self.qids], max_len)
         self.doc_emb = torch.from_numpy(ts.doc_emb)  # (N, d)
         self.index = FaissIndex.from_embeddings(ts.doc_ids, ts.doc_emb)
         self.negatives: list[list[int]] = [[] for _ in self.qids]
