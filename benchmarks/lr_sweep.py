@@ -32,21 +32,35 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     enc = Encoder.load()
-    ts = load_training_set(enc, args.dataset, split=None if args.from_corpus else args.split,
-                           from_corpus=args.from_corpus)
-    print(f"{args.dataset.name}: {len(ts.positives)} training queries, {len(ts.dev_qrels)} dev "
-          f"queries ({ts.source}); budget {args.max_steps} steps; {args.hard_negatives} mined "
-          f"negatives per query from base-model rank {args.mine_skip}")
+    ts = load_training_set(
+        enc,
+        args.dataset,
+        split=None if args.from_corpus else args.split,
+        from_corpus=args.from_corpus,
+    )
+    print(
+        f"{args.dataset.name}: {len(ts.positives)} training queries, {len(ts.dev_qrels)} dev "
+        f"queries ({ts.source}); budget {args.max_steps} steps; {args.hard_negatives} mined "
+        f"negatives per query from base-model rank {args.mine_skip}"
+    )
     print("| lr | dev nDCG@10 (base) | best | best step | steps run | seconds |")
     print("|---|---|---|---|---|---|")
     for lr in (float(x) for x in args.lrs.split(",")):
-        cfg = TrainConfig(lr=lr, max_steps=args.max_steps, eval_every=args.eval_every,
-                          patience=args.patience, mine_skip=args.mine_skip,
-                          hard_negatives=args.hard_negatives)
+        cfg = TrainConfig(
+            lr=lr,
+            max_steps=args.max_steps,
+            eval_every=args.eval_every,
+            patience=args.patience,
+            mine_skip=args.mine_skip,
+            hard_negatives=args.hard_negatives,
+        )
         _, info = fit_expert(enc, [ts], "sweep", train=cfg, show_progress=False)
-        print(f"| {lr:g} | {info.dev['base_ndcg@10']:.4f} | {info.dev['ndcg@10']:.4f} "
-              f"| {info.training['best_step']} | {info.training['steps_run']} "
-              f"| {info.seconds:.0f} |", flush=True)
+        print(
+            f"| {lr:g} | {info.dev['base_ndcg@10']:.4f} | {info.dev['ndcg@10']:.4f} "
+            f"| {info.training['best_step']} | {info.training['steps_run']} "
+            f"| {info.seconds:.0f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

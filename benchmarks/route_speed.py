@@ -27,8 +27,13 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, required=True)
-    parser.add_argument("--pilots", type=Path, required=True, action="append",
-                        help="pilot library folder (repeat to compare several, e.g. with base)")
+    parser.add_argument(
+        "--pilots",
+        type=Path,
+        required=True,
+        action="append",
+        help="pilot library folder (repeat to compare several, e.g. with base)",
+    )
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -45,8 +50,12 @@ def main() -> None:
     libs = {p: PilotLibrary.load(p) for p in args.pilots}
     for name in sorted({e for lib in libs.values() for e in lib.experts if e != "__base__"}):
         load_expert(enc, args.store / name)
-    routers = {p: RouterRetriever(enc, lib, rule=args.rule, batch_size=args.batch_size,
-                                  show_progress=False) for p, lib in libs.items()}
+    routers = {
+        p: RouterRetriever(
+            enc, lib, rule=args.rule, batch_size=args.batch_size, show_progress=False
+        )
+        for p, lib in libs.items()
+    }
     enc.encode(texts[:64], batch_size=args.batch_size, show_progress=False)  # warm-up
 
     times: dict[str, list[float]] = collections.defaultdict(list)
@@ -59,8 +68,10 @@ def main() -> None:
             rr.encode_queries(texts)
             times[str(p)].append(time.perf_counter() - start)
     plain = len(texts) / statistics.median(times["plain"])
-    print(f"{len(texts)} queries from {', '.join(SOURCES)}; batch size {args.batch_size}; "
-          f"rule {args.rule}; median of {args.rounds} rounds")
+    print(
+        f"{len(texts)} queries from {', '.join(SOURCES)}; batch size {args.batch_size}; "
+        f"rule {args.rule}; median of {args.rounds} rounds"
+    )
     print("| system | queries/s | ratio to plain | routed to |")
     print("|---|---|---|---|")
     print(f"| plain base model | {plain:.1f} | 1.00 | |")
