@@ -1,0 +1,147 @@
+"""The experiment report: markdown tables, JSON and PNG figures from :func:`run_systems` output."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from routerretriever.store import atomic_write
+
+if TYPE_CHECKING:
+    from routerretriever.experiment import Experiment
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    fmt = [[f"{100 * c:.1f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    return "\n".join(
+        [
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+            *("| " + " | ".join(r) + " |" for r in fmt),
+        ]
+    )
+
+
+def write_report(exp: Experiment, res: dict[str, Any]) -> Path:
+    """Markdown tables, JSON and PNG figures in the results folder; returns the markdown path."""
+    out = exp.cfg.results
+    out.mkdir(parents=True, exist_ok=True)
+    seen, unseen = res["seen"], res["unseen"]
+    md = [
+        "# RouterRetriever experiment results",
+        "",
+        "nDCG@10 x 100 on the test splits. Routing rule chosen on dev instances: "
+        f"**{res['rule']}** (dev nDCG@10 by rule: "
+        + ", ".join(f"{k} {100 * v:.1f}" for k, v in res["dev_rule_scores"].items())
+        + ").",
+        "",
+    ]
+    md += [
+        "## Single models: each expert alone on every test set",
+        "",
+        _table(
+            ["model", *seen, *unseen, "avg (seen)"],
+            [
+                [
+                    m,
+                    *(res["per_expert"][m][d] for d in [*seen, *unseen]),
+                    float(np.mean([res["per_expert"][m][d] for d in seen])),
+                ]
+                for m in exp.models
+            ],
+        ),
+        "",
+    ]
+    md += [
+        "## Table 1: systems on the domains with experts",
+        "",
+        _table(
+            ["system", *seen, "avg"],
+            [[s.name, *(s.per_domain[d] for d in seen), s.average] for s in res["systems"]],
+        ),
+        "",
+    ]
+    md += [
+        "Routing accuracy (share of each test set routed to its own domain's expert, "
+        f"RouterRetriever ({res['rule']})): "
+        + ", ".join(f"{d} {100 * a:.0f}%" for d, a in res["routing_accuracy"].items()),
+        "",
+    ]
+    z = res["zero_shot"]
+    cols = [*seen, *unseen]
+    md += [
+        "## Table 2: zero-shot (own expert and its instances removed; unseen domains with all)",
+        "",
+        _table(
+            ["system", *cols, "avg"],
+            [
+                [k, *(v[d] for d in cols), float(np.mean([v[d] for d in cols]))]
+                for k, v in z.items()
+            ],
+        ),
+        "",
+    ]
+    md += [
+        "## Table 3: experts added one at a time (average over the domains with experts)",
+        "",
+        _table(
+            ["experts", "RouterRetriever", "InstanceOracle"],
+            [[" + ".join(g["experts"]), g["router"], g["instance_oracle"]] for g in res["growth"]],
+        ),
+        "",
+    ]
+    md += ["![growth](growth.png)", "", "![routing](routing.png)", ""]
+    path = out / "results.md"
+    atomic_write(path, lambda tmp: tmp.write_text("\n".join(md)))
+    payload = {**res, "systems": [asdict(s) | {"average": s.average} for s in res["systems"]]}
+    atomic_write(out / "results.json", lambda tmp: tmp.write_text(json.dumps(payload, indent=2)))
+    _figures(exp, res, out)
+    return path
+
+
+def _figures(exp: Experiment, res: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = res["growth"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    xs = range(1, len(g) + 1)
+    ax.plot(
+        xs, [100 * p["router"] for p in g], marker="o", label=f"RouterRetriever ({res['rule']})"
+    )
+    ax.plot(xs, [100 * p["instance_oracle"] for p in g], marker="s", label="InstanceOracle")
+    base = next(s for s in res["systems"] if s.name == "Base model").average
+    ax.axhline(100 * base, color="grey", ls="--", label="Base model")
+    ax.set_xticks(list(xs), [p["experts"][-1] for p in g], rotation=30)
+    ax.set_xlabel("expert added")
+    ax.set_ylabel("avg nDCG@10")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "growth.png", dpi=120)
+    plt.close(fig)
+
+    seen, experts = res["seen"], exp.experts
+    rr = next(s for s in res["systems"] if s.name == f"RouterRetriever ({res['rule']})")
+    io = next(s for s in res["systems"] if s.name == "InstanceOracle")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, sysres, title in ((axes[0], rr, rr.name), (axes[1], io, "InstanceOracle")):
+        m = np.array([[sysres.routes[d].get(e, 0.0) for e in experts] for d in seen])
+        ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
+        for i in range(len(seen)):
+            for j in range(len(experts)):
+                ax.text(j, i, f"{100 * m[i, j]:.0f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(experts)), experts, rotation=45)
+        ax.set_yticks(range(len(seen)), seen)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("test set")
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "routing.png", dpi=120)
+    plt.close(fig)
