@@ -110,12 +110,12 @@ def test_base_routed_queries_cost_one_pass(setup):
     lib = build_pilots(insts, [BASE])
     rr = RouterRetriever(enc, lib)
     counted = []
-    original = enc.encode
-    enc.encode = lambda texts, **kw: counted.append(len(texts)) or original(texts, **kw)
+    original = enc.encode_tokens
+    enc.encode_tokens = lambda ids, **kw: counted.append(len(ids)) or original(ids, **kw)
     try:
         rr.encode_queries(list(ds.queries.values()))
     finally:
-        del enc.encode
+        del enc.encode_tokens
     assert counted == [len(ds.queries)]
 
 
@@ -185,7 +185,7 @@ def test_identity_expert_runs_as_the_base_model(trained, tmp_path):
         [DomainInstances("d", ["q"], enc.encode(texts[:1]), {"ident": np.ones(1)})], ["ident"]
     )
     counted = []
-    original = enc.encode
-    enc.encode = lambda t, **kw: counted.append(len(t)) or original(t, **kw)
+    original = enc.encode_tokens
+    enc.encode_tokens = lambda ids, **kw: counted.append(len(ids)) or original(ids, **kw)
     RouterRetriever(enc, lib).encode_queries(texts)
     assert counted == [2]  # the routing pass only

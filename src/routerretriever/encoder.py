@@ -399,48 +399,71 @@ class Encoder:
         ``experts`` applies a loaded expert to every text (a name) or per text (a list, ``None``
         meaning the base model); batches are formed per expert.
         """
+        texts = list(texts)
+        per_text = self._per_text_experts(experts, len(texts), model)
+        out = np.empty((len(texts), self.dim), dtype=np.float32)  # (n, d)
+        disable = None if show_progress is None else not show_progress  # None: only on a TTY
+        with tqdm(total=len(texts), desc=desc, unit="text", disable=disable, leave=False) as bar:
+            for start in range(0, len(texts), _TOKENIZE_CHUNK):
+                chunk = slice(start, start + _TOKENIZE_CHUNK)
+                ids = self.tokenize(texts[chunk])
+                names = None if per_text is None else per_text[chunk]
+                out[chunk] = self._encode_tokens(ids, names, batch_size, model, bar)
+        return out
+
+    def encode_tokens(
+        self,
+        token_ids: Sequence[Sequence[int]],
+        *,
+        batch_size: int = 32,
+        experts: str | Sequence[str | None] | None = None,
+    ) -> np.ndarray:
+        """:meth:`encode` for texts already :meth:`tokenize`-d (routing embeds them twice)."""
+        per_text = self._per_text_experts(experts, len(token_ids), None)
+        with tqdm(total=len(token_ids), disable=True) as bar:
+            return self._encode_tokens(token_ids, per_text, batch_size, None, bar)
+
+    def _per_text_experts(
+        self, experts: str | Sequence[str | None] | None, n: int, model: torch.nn.Module | None
+    ) -> list[str | None] | None:
+        if experts is None:
+            return None
+        per_text = [experts] * n if isinstance(experts, str) else list(experts)
+        if len(per_text) != n:
+            raise ValueError(f"experts has {len(per_text)} entries for {n} texts")
+        unknown = sorted({e for e in per_text if e is not None} - set(self.experts))
+        if unknown:
+            raise ValueError(f"unknown expert(s) {unknown}; loaded: {self.experts}")
+        if model is not None and any(e is not None for e in per_text):
+            raise ValueError("pass either model or experts, not both")
+        return per_text
+
+    def _encode_tokens(
+        self,
+        ids: Sequence[Sequence[int]],
+        per_text: Sequence[str | None] | None,
+        batch_size: int,
+        model: torch.nn.Module | None,
+        bar: Any,
+    ) -> np.ndarray:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        texts = list(texts)
-        per_text: list[str | None] | None = None
-        if experts is not None:
-            per_text = [experts] * len(texts) if isinstance(experts, str) else list(experts)
-            if len(per_text) != len(texts):
-                raise ValueError(f"experts has {len(per_text)} entries for {len(texts)} texts")
-            unknown = sorted({e for e in per_text if e is not None} - set(self.experts))
-            if unknown:
-                raise ValueError(f"unknown expert(s) {unknown}; loaded: {self.experts}")
-            if model is not None and any(e is not None for e in per_text):
-                raise ValueError("pass either model or experts, not both")
-        out = np.empty((len(texts), self.dim), dtype=np.float32)  # (n, d)
-        if not texts:
-            return out
+        out = np.empty((len(ids), self.dim), dtype=np.float32)  # (n, d)
+        # Batches never mix experts; within an expert, longest first (least padding).
+        groups: dict[str | None, list[int]] = {}
+        for i in sorted(range(len(ids)), key=lambda i: -len(ids[i])):
+            e = None if per_text is None else per_text[i]
+            groups.setdefault(None if e in self._identity else e, []).append(i)
         net = model if model is not None else self.model
         was_training = net.training
         net.eval()
-        disable = None if show_progress is None else not show_progress  # None: only on a TTY
-        bar = tqdm(total=len(texts), desc=desc, unit="text", disable=disable, leave=False)
         try:
             with torch.inference_mode():
-                for start in range(0, len(texts), _TOKENIZE_CHUNK):
-                    chunk = texts[start : start + _TOKENIZE_CHUNK]
-                    ids = self.tokenize(chunk)
-                    # Batches never mix experts; within an expert, longest first (least padding).
-                    groups: dict[str | None, list[int]] = {}
-                    for i in sorted(range(len(ids)), key=lambda i: -len(ids[i])):
-                        e = None if per_text is None else per_text[start + i]
-                        groups.setdefault(None if e in self._identity else e, []).append(i)
-                    batches = [
-                        (e, rows)
-                        for e, g in groups.items()
-                        for rows in _batches(ids, g, batch_size)
-                    ]
-                    for expert, rows in batches:
-                        batch = self.collate([ids[i] for i in rows])
-                        emb = self.forward(batch, model, expert)  # (B, d)
-                        out[[start + i for i in rows]] = emb.float().cpu().numpy()
+                for expert, group in groups.items():
+                    for rows in _batches(ids, group, batch_size):
+                        emb = self.forward(self.collate([ids[i] for i in rows]), model, expert)
+                        out[rows] = emb.float().cpu().numpy()  # (B, d)
                         bar.update(len(rows))
         finally:
-            bar.close()
             net.train(was_training)
         return out

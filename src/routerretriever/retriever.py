@@ -163,9 +163,8 @@ class RouterRetriever(DenseRetriever):
         self, texts: list[str], batch_size: int | None
     ) -> tuple[np.ndarray, list[RouteDecision]]:
         bs = batch_size or self.batch_size
-        emb = self.encoder.encode(
-            texts, batch_size=bs, show_progress=self.show_progress, desc="route"
-        )
+        ids = self.encoder.tokenize(texts)  # once, for both passes
+        emb = self.encoder.encode_tokens(ids, batch_size=bs)  # (n, d) base model
         decisions = route(emb, self.pilots, self.rule)
         # The routing embedding is final for the base model (and for identity experts).
         todo = [
@@ -174,12 +173,8 @@ class RouterRetriever(DenseRetriever):
             if d.expert != BASE and not self.encoder.is_identity(d.expert)
         ]
         if todo:
-            emb[todo] = self.encoder.encode(
-                [texts[i] for i in todo],
-                experts=[decisions[i].expert for i in todo],
-                batch_size=bs,
-                show_progress=self.show_progress,
-                desc="experts",
+            emb[todo] = self.encoder.encode_tokens(
+                [ids[i] for i in todo], experts=[decisions[i].expert for i in todo], batch_size=bs
             )
         return emb, decisions
 
