@@ -1,7 +1,8 @@
 """Routed query embedding (route + expert pass) against plain base-model embedding.
 
 Same queries, same batch size, same run, alternating, median of several rounds. Prints queries/s
-of both and the ratio routed / plain (the paper pays two forward passes per query: 0.5).
+of both and the ratio routed / plain (the paper pays two forward passes per query: 0.5), for each
+pilot library and routing precision, with the share of queries routed as float32 routing does.
 
     python benchmarks/route_speed.py --store runs/paper/experts --pilots runs/paper/results/pilots \
         --data ../shared/data --queries 1000
@@ -39,6 +40,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rule", default="weighted")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--precision",
+        action="append",
+        choices=["float32", "bfloat16", "auto"],
+        help="routing pass precision (repeat; default: float32 and bfloat16)",
+    )
     args = parser.parse_args()
 
     pools = [list(load_queries(args.data / src).values()) for src in SOURCES]
@@ -51,10 +58,16 @@ def main() -> None:
     for name in sorted({e for lib in libs.values() for e in lib.experts if e != "__base__"}):
         load_expert(enc, args.store / name)
     routers = {
-        p: RouterRetriever(
-            enc, lib, rule=args.rule, batch_size=args.batch_size, show_progress=False
+        f"{p.name}, {prec}": RouterRetriever(
+            enc,
+            lib,
+            rule=args.rule,
+            batch_size=args.batch_size,
+            show_progress=False,
+            routing_precision=prec,
         )
         for p, lib in libs.items()
+        for prec in args.precision or ["float32", "bfloat16"]
     }
     enc.encode(texts[:64], batch_size=args.batch_size, show_progress=False)  # warm-up
 
@@ -63,23 +76,30 @@ def main() -> None:
         start = time.perf_counter()
         enc.encode(texts, batch_size=args.batch_size, show_progress=False)
         times["plain"].append(time.perf_counter() - start)
-        for p, rr in routers.items():
+        for name, rr in routers.items():
             start = time.perf_counter()
             rr.encode_queries(texts)
-            times[str(p)].append(time.perf_counter() - start)
+            times[name].append(time.perf_counter() - start)
     plain = len(texts) / statistics.median(times["plain"])
     print(
         f"{len(texts)} queries from {', '.join(SOURCES)}; batch size {args.batch_size}; "
         f"rule {args.rule}; median of {args.rounds} rounds"
     )
-    print("| system | queries/s | ratio to plain | routed to |")
-    print("|---|---|---|---|")
-    print(f"| plain base model | {plain:.1f} | 1.00 | |")
-    for p, rr in routers.items():
-        qps = len(texts) / statistics.median(times[str(p)])
-        shares = collections.Counter(d.expert for d in rr.route(texts))
+    print("| system | queries/s | ratio to plain | same route as float32 | routed to |")
+    print("|---|---|---|---|---|")
+    print(f"| plain base model | {plain:.1f} | 1.00 | | |")
+    exact = {}
+    for name, rr in routers.items():
+        qps = len(texts) / statistics.median(times[name])
+        routes = [d.expert for d in rr.route(texts)]
+        exact.setdefault(name.split(",")[0], routes)  # float32 comes first when asked for
+        ref = exact[name.split(",")[0]]
+        same = sum(a == b for a, b in zip(routes, ref, strict=True)) / len(texts)
+        shares = collections.Counter(routes)
         mix = ", ".join(f"{e} {100 * c / len(texts):.0f}%" for e, c in shares.most_common())
-        print(f"| routed, pilots {p.name} | {qps:.1f} | {qps / plain:.2f} | {mix} |")
+        print(
+            f"| routed, pilots {name} | {qps:.1f} | {qps / plain:.2f} | {100 * same:.1f}% | {mix} |"
+        )
 
 
 if __name__ == "__main__":

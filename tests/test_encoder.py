@@ -93,3 +93,33 @@ def test_pickle_only_folder_refused(tmp_path):
 def test_missing_folder(tmp_path):
     with pytest.raises(ModelError, match="does not exist"):
         Encoder.load(tmp_path / "nope")
+
+
+def test_cut_variant_pools_the_states_of_its_first_layers(encoder):
+    import torch
+
+    full = encoder.encode(TEXTS)
+    batch = encoder.collate(encoder.tokenize(TEXTS[:2]))
+    with torch.inference_mode():
+        states = encoder.model(**batch, output_hidden_states=True).hidden_states
+    for k in (1, 3):
+        want = encoder.pool(states[k], batch["attention_mask"]).numpy()
+        np.testing.assert_allclose(encoder.encode(TEXTS[:2], layers=k), want, atol=1e-5)
+    # The cut shares weights but leaves the base model whole.
+    assert len(encoder.model.encoder.layer) == encoder.num_layers == 6
+    np.testing.assert_array_equal(encoder.encode(TEXTS), full)
+    with pytest.raises(ValueError, match=r"layers must be in 1\.\.6"):
+        encoder.encode(TEXTS, layers=7)
+    with pytest.raises(ValueError, match="base model only"):
+        encoder.encode(TEXTS, layers=2, model=encoder.model)
+
+
+def test_bfloat16_variant_is_close_to_float32(encoder):
+    import torch
+
+    full = encoder.encode(TEXTS)
+    low = encoder.encode(TEXTS, dtype=torch.bfloat16)
+    assert low.dtype == np.float32
+    assert not np.array_equal(low, full)  # it really ran in bfloat16
+    assert (np.sum(low * full, axis=1) > 0.999).all()
+    assert encoder.model.dtype == torch.float32

@@ -12,6 +12,7 @@ from routerretriever.index import FaissIndex
 from routerretriever.pilots import DomainInstances, add_expert, build_pilots, remove_expert
 from routerretriever.pseudo import make_pseudo_queries
 from routerretriever.retriever import RouterRetriever, per_query_ndcg
+from routerretriever.router import route
 from routerretriever.store import embed_corpus
 from tests.conftest import TINY
 
@@ -108,7 +109,7 @@ def test_base_routed_queries_cost_one_pass(setup):
     enc, ds, index, domains = setup
     insts, _ = instances(enc, index, domains, ["titles"], [BASE], [])
     lib = build_pilots(insts, [BASE])
-    rr = RouterRetriever(enc, lib)
+    rr = RouterRetriever(enc, lib, routing_precision="float32")
     counted = []
     original = enc.encode_tokens
     enc.encode_tokens = lambda ids, **kw: counted.append(len(ids)) or original(ids, **kw)
@@ -187,5 +188,56 @@ def test_identity_expert_runs_as_the_base_model(trained, tmp_path):
     counted = []
     original = enc.encode_tokens
     enc.encode_tokens = lambda ids, **kw: counted.append(len(ids)) or original(ids, **kw)
-    RouterRetriever(enc, lib).encode_queries(texts)
+    RouterRetriever(enc, lib, routing_precision="float32").encode_queries(texts)
     assert counted == [2]  # the routing pass only
+
+
+def test_bfloat16_routing_pass_routes_as_float32_and_keeps_float32_embeddings(setup):
+    enc, ds, index, domains = setup
+    insts, _ = instances(enc, index, domains, ["titles", "crops"], [BASE, "alpha", "beta"], [])
+    lib = build_pilots(insts, [BASE, "alpha", "beta"])
+    texts = [*ds.queries.values(), *list(domains["crops"][0].values())[:10]]
+    exact = RouterRetriever(enc, lib, routing_precision="float32")
+    fast = RouterRetriever(enc, lib, routing_precision="bfloat16")
+    assert exact.routing_dtype is None and fast.routing_dtype is not None
+    routes = [d.expert for d in exact.route(texts)]
+    assert [d.expert for d in fast.route(texts)] == routes
+    assert len(set(routes)) >= 2, routes
+    # Scores differ (bf16 pass) but the final embeddings are the float32 expert passes.
+    assert [d.scores for d in fast.route(texts)] != [d.scores for d in exact.route(texts)]
+    np.testing.assert_allclose(fast.encode_queries(texts), exact.encode_queries(texts), atol=1e-6)
+    with pytest.raises(ValueError, match="routing_precision"):
+        RouterRetriever(enc, lib, routing_precision="int8")
+
+
+def test_pilots_in_a_cut_space_route_on_the_first_layers(setup, tmp_path):
+    from dataclasses import replace
+
+    from routerretriever.pilots import PilotLibrary
+
+    enc, ds, index, domains = setup
+    insts, _ = instances(enc, index, domains, ["titles", "crops"], [BASE, "alpha", "beta"], [])
+    cut = [
+        replace(i, embeddings=enc.encode(list(domains[i.domain][0].values()), layers=2))
+        for i in insts
+    ]
+    lib = build_pilots(cut, [BASE, "alpha", "beta"], layers=2)
+    lib.save(tmp_path / "p")
+    assert PilotLibrary.load(tmp_path / "p").layers == 2
+    rr = RouterRetriever(enc, PilotLibrary.load(tmp_path / "p"), routing_precision="float32")
+    texts = [*ds.queries.values(), *list(domains["crops"][0].values())[:10]]
+    decisions = rr.route(texts)
+    want = route(enc.encode(texts, layers=2), lib, rr.rule)
+    assert [d.expert for d in decisions] == [d.expert for d in want]
+    # Every query, base-routed ones too, gets a full-depth final embedding.
+    chosen = [d.expert for d in decisions]
+    full = np.stack(
+        [
+            enc.encode([t], experts=None if e == BASE else e)[0]
+            for t, e in zip(texts, chosen, strict=True)
+        ]
+    )
+    np.testing.assert_allclose(rr.encode_queries(texts), full, atol=1e-5)
+    lib.layers = 9
+    with pytest.raises(ValueError, match="routes on 9 layers; the base model has 6"):
+        RouterRetriever(enc, lib)

@@ -9,6 +9,7 @@ it fast on a CPU.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -150,6 +151,21 @@ def _batches(ids: Sequence[Sequence[int]], order: list[int], size: int) -> list[
     return out
 
 
+def has_fast_bfloat16(device: str | torch.device = "cpu") -> bool:
+    """True where bfloat16 matmuls run natively (CUDA with bf16, x86 CPUs with AVX512-BF16 or
+    AMX): there a bfloat16 pass is faster than float32; elsewhere it would be emulated."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap way to tell, stay with float32
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
 class Encoder:
     """A frozen transformer that turns texts into ``float32`` vectors of shape ``(n, dim)``.
 
@@ -179,6 +195,7 @@ class Encoder:
         self._experts: dict[str, dict[str, torch.Tensor]] = {}
         self.expert_dirs: dict[str, Path] = {}  # where each loaded expert came from
         self._identity: set[str] = set()
+        self._variants: dict[tuple[int | None, torch.dtype | None], torch.nn.Module] = {}
 
     @classmethod
     def load(
@@ -298,6 +315,31 @@ class Encoder:
             emb = torch.nn.functional.normalize(emb, p=2, dim=-1)
         return emb
 
+    @property
+    def num_layers(self) -> int:
+        """Transformer layers of the base model."""
+        return int(self.model.config.num_hidden_layers)
+
+    def variant(
+        self, layers: int | None = None, dtype: torch.dtype | None = None
+    ) -> torch.nn.Module:
+        """The base model cut after its first ``layers`` layers and/or cast to ``dtype``.
+
+        A cheaper routing pass (see ``RouterRetriever``): a cut shares the base weights; a cast
+        holds its own copy. Made once and kept.
+        """
+        if layers is not None and not 1 <= layers <= self.num_layers:
+            raise ValueError(f"layers must be in 1..{self.num_layers}, got {layers}")
+        layers = None if layers == self.num_layers else layers
+        dtype = None if dtype == self.model.dtype else dtype
+        key = (layers, dtype)
+        if key == (None, None):
+            return self.model
+        if key not in self._variants:
+            net = self.model if layers is None else _cut_layers(self.model, layers)
+            self._variants[key] = net if dtype is None else copy.deepcopy(net).to(dtype)
+        return self._variants[key]
+
     # -- experts (LoRA adapters on the query side) -------------------------------------------
 
     @property
@@ -379,7 +421,7 @@ class Encoder:
             )
         else:
             out = self.model(**inputs)
-        return self.pool(out.last_hidden_state, batch["attention_mask"])
+        return self.pool(out.last_hidden_state.float(), batch["attention_mask"])
 
     def encode(
         self,
@@ -389,6 +431,8 @@ class Encoder:
         show_progress: bool | None = None,
         model: torch.nn.Module | None = None,
         experts: str | Sequence[str | None] | None = None,
+        layers: int | None = None,
+        dtype: torch.dtype | None = None,
         desc: str = "encoding",
     ) -> np.ndarray:
         """Embed texts: ``float32`` array ``(len(texts), dim)``, rows in input order.
@@ -397,9 +441,11 @@ class Encoder:
         on the input order beyond that. ``show_progress=None`` shows a bar on a terminal only.
         ``model`` swaps in another module with the same interface (e.g. the base plus a LoRA).
         ``experts`` applies a loaded expert to every text (a name) or per text (a list, ``None``
-        meaning the base model); batches are formed per expert.
+        meaning the base model); batches are formed per expert. ``layers`` and ``dtype`` run
+        :meth:`variant` of the base model instead (a cheaper routing pass).
         """
         texts = list(texts)
+        model = self._variant_model(layers, dtype, model, experts)
         per_text = self._per_text_experts(experts, len(texts), model)
         out = np.empty((len(texts), self.dim), dtype=np.float32)  # (n, d)
         disable = None if show_progress is None else not show_progress  # None: only on a TTY
@@ -417,11 +463,30 @@ class Encoder:
         *,
         batch_size: int = 32,
         experts: str | Sequence[str | None] | None = None,
+        layers: int | None = None,
+        dtype: torch.dtype | None = None,
     ) -> np.ndarray:
         """:meth:`encode` for texts already :meth:`tokenize`-d (routing embeds them twice)."""
-        per_text = self._per_text_experts(experts, len(token_ids), None)
+        model = self._variant_model(layers, dtype, None, experts)
+        per_text = self._per_text_experts(experts, len(token_ids), model)
         with tqdm(total=len(token_ids), disable=True) as bar:
-            return self._encode_tokens(token_ids, per_text, batch_size, None, bar)
+            return self._encode_tokens(token_ids, per_text, batch_size, model, bar)
+
+    def _variant_model(
+        self,
+        layers: int | None,
+        dtype: torch.dtype | None,
+        model: torch.nn.Module | None,
+        experts: Any,
+    ) -> torch.nn.Module | None:
+        if layers is None and dtype is None:
+            return model
+        if model is not None or experts is not None:
+            raise ValueError(
+                "layers and dtype apply to the base model only, not with model/experts"
+            )
+        net = self.variant(layers, dtype)
+        return None if net is self.model else net
 
     def _per_text_experts(
         self, experts: str | Sequence[str | None] | None, n: int, model: torch.nn.Module | None
@@ -467,3 +532,33 @@ class Encoder:
         finally:
             net.train(was_training)
         return out
+
+
+def _cut_layers(model: torch.nn.Module, layers: int) -> torch.nn.Module:
+    """A shallow copy of ``model`` whose layer list keeps its first ``layers`` entries.
+
+    Finds the ``ModuleList`` of ``config.num_hidden_layers`` layers (``encoder.layer`` in BERT,
+    RoBERTa, MPNet; ``transformer.layer`` in DistilBERT) and copies only the modules on the path
+    to it, so parameters are shared and the original model is untouched.
+    """
+    n = model.config.num_hidden_layers
+    path = next(
+        (
+            name
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.ModuleList) and len(m) == n
+        ),
+        None,
+    )
+    if path is None:
+        raise ModelError(f"cannot find the {n} transformer layers of {type(model).__name__}")
+    root = copy.copy(model)
+    root._modules = dict(model._modules)
+    parent, *parts = root, *path.split(".")
+    for part in parts[:-1]:
+        child = copy.copy(parent._modules[part])
+        child._modules = dict(child._modules)
+        parent._modules[part] = child
+        parent = child
+    parent._modules[parts[-1]] = torch.nn.ModuleList(list(parent._modules[parts[-1]])[:layers])
+    return root

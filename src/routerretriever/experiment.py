@@ -15,7 +15,7 @@ import sys
 import time
 import tomllib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from routerretriever.data import load_beir
 from routerretriever.encoder import BASE, Encoder
 from routerretriever.experts import load_expert
 from routerretriever.index import FaissIndex
-from routerretriever.pilots import DomainInstances, build_pilots
+from routerretriever.pilots import DomainInstances, PilotLibrary, build_pilots
 from routerretriever.pseudo import PseudoQueryConfig
 from routerretriever.report import write_report
 from routerretriever.retriever import per_query_ndcg
@@ -63,6 +63,8 @@ class ExperimentConfig:
     classifier_instances: int = 100  # DatasetRouter's sampled instances per domain
     seed: int = 0
     batch_size: int = 32
+    routing_layers: list[int] = field(default_factory=list)  # also route on these first layers
+    routing_bf16: bool = False  # also route with a bfloat16 routing pass
 
     @classmethod
     def load(cls, path: str | Path) -> ExperimentConfig:
@@ -102,6 +104,8 @@ class ExperimentConfig:
             classifier_instances=raw.get("classifier_instances", 100),
             seed=raw.get("seed", 0),
             batch_size=raw.get("batch_size", 32),
+            routing_layers=[int(k) for k in raw.get("routing_layers", [])],
+            routing_bf16=bool(raw.get("routing_bf16", False)),
         )
 
     @property
@@ -277,6 +281,59 @@ class Experiment:
             out.append(DomainInstances(spec.name, qids, base_emb, scores))
         return out
 
+    def _variant_emb(
+        self, key: str, queries: dict[str, str], layers: int | None, dtype: Any
+    ) -> np.ndarray:
+        """Query embeddings by :meth:`Encoder.variant` ``(layers, dtype)``, cached under ``key``."""
+        tag = f"layers{layers}" if dtype is None else f"layers{layers}-{str(dtype).split('.')[-1]}"
+        path = self.cache / f"{tag}-{key}.npz"
+        if path.is_file():
+            with np.load(path, allow_pickle=False) as f:
+                if f["qids"].tolist() == list(queries):
+                    return f["emb"]
+        emb = self.encoder.encode(
+            list(queries.values()),
+            layers=layers,
+            dtype=dtype,
+            batch_size=self.cfg.batch_size,
+            show_progress=False,
+        )
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, emb=emb, qids=np.array(list(queries), dtype=str))
+
+        atomic_write(path, write)
+        return emb
+
+    def in_space(
+        self,
+        test: dict[str, dict[str, np.ndarray]],
+        insts: dict[str, list],
+        layers: int | None = None,
+        dtype: Any = None,
+    ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, list[DomainInstances]]]:
+        """``test`` scores and ``insts`` (by part) with embeddings by a cheaper routing pass:
+        the base model's first ``layers`` layers, and/or cast to ``dtype``."""
+        test_k = {
+            d: {
+                **t,
+                "_emb": self._variant_emb(f"test-{d}", self.domains[d].test_queries, layers, dtype),
+            }
+            for d, t in test.items()
+        }
+        insts_k = {}
+        for part, part_insts in insts.items():
+            insts_k[part] = []
+            for inst in part_insts:
+                ts = self._training_sets[inst.domain]
+                pool = ts.queries if part == "train" else ts.dev_queries
+                emb = self._variant_emb(
+                    f"{part}-{inst.domain}", {q: pool[q] for q in inst.ids}, layers, dtype
+                )
+                insts_k[part].append(replace(inst, embeddings=emb))
+        return test_k, insts_k
+
 
 # -- step 3: systems ------------------------------------------------------------------------------
 
@@ -333,6 +390,16 @@ def _oracle_picks(test_d: dict[str, np.ndarray], experts: list[str], domain: str
     return [order[j] for j in np.stack([test_d[m] for m in order], 1).argmax(1)]
 
 
+def _dev_score(lib: PilotLibrary, dev: list[DomainInstances], rule: str) -> float:
+    """Mean nDCG@10 of the dev instances when routed by ``lib`` with ``rule``."""
+    s = [
+        inst.scores[lib.experts[j]][i]
+        for inst in dev
+        for i, j in enumerate(expert_scores(inst.embeddings, lib, rule).argmax(1))
+    ]
+    return float(np.mean(s))
+
+
 def run_systems(exp: Experiment, rule: str | None = None) -> dict[str, Any]:
     """All systems of the paper's Table 1, plus zero-shot (Table 2) and growth (Table 3)."""
     cfg = exp.cfg
@@ -350,15 +417,8 @@ def run_systems(exp: Experiment, rule: str | None = None) -> dict[str, Any]:
         return lambda d, emb: [lib.experts[j] for j in expert_scores(emb, lib, r).argmax(1)]
 
     # Pick the routing rule on the dev instances (never the test sets).
-    dev_scores = {}
-    for r in RULES:
-        lib = build_pilots(train_inst, experts)
-        s = [
-            inst.scores[lib.experts[j]][i]
-            for inst in dev_inst
-            for i, j in enumerate(expert_scores(inst.embeddings, lib, r).argmax(1))
-        ]
-        dev_scores[r] = float(np.mean(s))
+    lib = build_pilots(train_inst, experts)
+    dev_scores = {r: _dev_score(lib, dev_inst, r) for r in RULES}
     chosen = rule or max(RULES, key=lambda r: dev_scores[r])
 
     systems: list[SystemResult] = [single(BASE, "Base model"), single(MULTITASK, "Multi-task LoRA")]
@@ -408,6 +468,37 @@ def run_systems(exp: Experiment, rule: str | None = None) -> dict[str, Any]:
     for r in RULES:
         systems.append(
             _routed(f"RouterRetriever + base ({r})", test, seen, router(with_base, r, train_inst))
+        )
+    bf16_agreement: dict[str, float] = {}
+    if cfg.routing_bf16:  # the routing pass in bfloat16; pilots as built (float32)
+        import torch
+
+        test_b = exp.in_space(test, {}, dtype=torch.bfloat16)[0]
+        lib = build_pilots(train_inst, experts)
+        name = f"RouterRetriever ({chosen}, bf16 routing)"
+        systems.append(_routed(name, test_b, seen, router(experts, chosen, train_inst)))
+        bf16_agreement = {
+            d: float(
+                np.mean(
+                    expert_scores(test_b[d]["_emb"], lib, chosen).argmax(1)
+                    == expert_scores(test[d]["_emb"], lib, chosen).argmax(1)
+                )
+            )
+            for d in seen
+        }
+    # Routing on the first k layers' pooled states (pilots built in the same space).
+    for k in cfg.routing_layers:
+        test_k, insts_k = exp.in_space(test, {"train": train_inst, "dev": dev_inst}, k)
+        dev_scores[f"{chosen}, {k}-layer routing"] = _dev_score(
+            build_pilots(insts_k["train"], experts), insts_k["dev"], chosen
+        )
+        systems.append(
+            _routed(
+                f"RouterRetriever ({chosen}, {k}-layer routing)",
+                test_k,
+                seen,
+                router(experts, chosen, insts_k["train"]),
+            )
         )
     oracle_best = {d: max(experts, key=lambda m: test[d][m].mean()) for d in seen}
     systems.append(
@@ -467,6 +558,7 @@ def run_systems(exp: Experiment, rule: str | None = None) -> dict[str, Any]:
         "rule": chosen,
         "dev_rule_scores": dev_scores,
         "routing_accuracy": accuracy,
+        "bf16_agreement": bf16_agreement,
         "seen": seen,
         "unseen": unseen,
         "dataset_oracle_choice": oracle_best,
@@ -488,4 +580,8 @@ def run_experiment(config: str | Path, rule: str | None = None) -> Path:
     train_inst = exp.instances("train")
     build_pilots(train_inst, exp.experts).save(cfg.results / "pilots")
     build_pilots(train_inst, [BASE, *exp.experts]).save(cfg.results / "pilots-with-base")
+    test = exp.test_scores()
+    for k in cfg.routing_layers:
+        insts_k = exp.in_space(test, {"train": train_inst}, k)[1]["train"]
+        build_pilots(insts_k, exp.experts, layers=k).save(cfg.results / f"pilots-{k}-layers")
     return write_report(exp, res)

@@ -64,12 +64,17 @@ class Pilot:
 
 @dataclass
 class PilotLibrary:
-    """Pilot embeddings ``(P, d)`` and what each pilot stands for."""
+    """Pilot embeddings ``(P, d)`` and what each pilot stands for.
+
+    ``layers`` names the routing space: ``None`` for the base model's sentence embeddings (the
+    paper), ``k`` for the pooled states after its first ``k`` layers (a cheaper routing pass).
+    """
 
     experts: list[str]
     pilots: list[Pilot]
     embeddings: np.ndarray
     dropped: dict[str, int] = field(default_factory=dict)  # all-zero instances per domain
+    layers: int | None = None
 
     def __len__(self) -> int:
         return len(self.pilots)
@@ -87,6 +92,7 @@ class PilotLibrary:
             "experts": self.experts,
             "pilots": [asdict(p) for p in self.pilots],
             "dropped": self.dropped,
+            "layers": self.layers,
             "version": 1,
         }
         atomic_write(
@@ -107,7 +113,13 @@ class PilotLibrary:
             raise ValueError(
                 f"{folder}: {len(pilots)} pilots in pilots.json, {len(emb)} embeddings"
             )
-        return cls(manifest["experts"], pilots, emb, manifest.get("dropped", {}))
+        return cls(
+            manifest["experts"],
+            pilots,
+            emb,
+            manifest.get("dropped", {}),
+            manifest.get("layers"),
+        )
 
 
 def best_experts(inst: DomainInstances, experts: Sequence[str]) -> np.ndarray:
@@ -142,12 +154,16 @@ def _kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 25) -> np.ndarray
 
 
 def build_pilots(
-    domains: Sequence[DomainInstances], experts: Sequence[str], clusters: int = 1
+    domains: Sequence[DomainInstances],
+    experts: Sequence[str],
+    clusters: int = 1,
+    layers: int | None = None,
 ) -> PilotLibrary:
     """Algorithm 1: group each domain's instances by best expert; centroids become pilots.
 
     ``clusters > 1`` splits each group by k-means into up to that many pilots (the paper found
-    1 best). At most ``len(experts) * clusters`` pilots per domain.
+    1 best). At most ``len(experts) * clusters`` pilots per domain. ``layers`` records the
+    routing space the instances' embeddings were made in (see :class:`PilotLibrary`).
     """
     experts = list(experts)
     if not experts:
@@ -174,7 +190,7 @@ def build_pilots(
     if not pilots:
         raise ValueError("no pilots: every instance scored 0 with every expert")
     emb = np.stack(rows).astype(np.float32)  # (P, d)
-    return PilotLibrary(experts, pilots, emb, dropped)
+    return PilotLibrary(experts, pilots, emb, dropped, layers)
 
 
 Scorer = Callable[[str, DomainInstances], np.ndarray]  # (expert, domain) -> (n,) nDCG@10

@@ -72,6 +72,12 @@ def write_report(exp: Experiment, res: dict[str, Any]) -> Path:
         + ", ".join(f"{d} {100 * a:.0f}%" for d, a in res["routing_accuracy"].items()),
         "",
     ]
+    if res.get("bf16_agreement"):
+        md += [
+            "Routing pass in bfloat16: share of each test set routed as by the float32 pass: "
+            + ", ".join(f"{d} {100 * a:.1f}%" for d, a in res["bf16_agreement"].items()),
+            "",
+        ]
     z = res["zero_shot"]
     cols = [*seen, *unseen]
     md += [

@@ -11,12 +11,13 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+import torch
 
 from routerretriever.data import BeirDataset, Corpus, Document, Run
-from routerretriever.encoder import BASE, Encoder
+from routerretriever.encoder import BASE, Encoder, has_fast_bfloat16
 from routerretriever.errors import ModelError
 from routerretriever.evaluation import DEFAULT_METRICS, EvalResult, evaluate, parse_metric
 from routerretriever.index import FaissIndex, VectorIndex
@@ -25,6 +26,8 @@ from routerretriever.router import RULES, RouteDecision, Rule, route
 from routerretriever.store import atomic_dir, embed_corpus
 
 logger = logging.getLogger(__name__)
+
+RoutingPrecision = Literal["auto", "float32", "bfloat16"]
 
 
 class DenseRetriever:
@@ -131,6 +134,12 @@ class RouterRetriever(DenseRetriever):
     expert's LoRA, in mixed batches. A query routed to the base model itself (``"__base__"`` in
     the pool) keeps its routing embedding: one forward pass, not two.
 
+    Step 1 only has to pick an expert, so it can run cheaper than step 2:
+    ``routing_precision="auto"`` (default) runs it in bfloat16 where the hardware does so
+    natively (on the paper's six test sets it routed every query as float32 does; see
+    docs/results.md), ``"float32"`` always exact. A pilot library built in the space of the base
+    model's first layers (``PilotLibrary.layers``) is cheaper still, at some routing accuracy.
+
     Example::
 
         enc = Encoder.load()
@@ -142,7 +151,13 @@ class RouterRetriever(DenseRetriever):
     """
 
     def __init__(
-        self, encoder: Encoder, pilots: PilotLibrary, *, rule: Rule = "weighted", **kwargs: Any
+        self,
+        encoder: Encoder,
+        pilots: PilotLibrary,
+        *,
+        rule: Rule = "weighted",
+        routing_precision: RoutingPrecision = "auto",
+        **kwargs: Any,
     ) -> None:
         super().__init__(encoder, **kwargs)
         missing = [e for e in pilots.experts if e != BASE and e not in encoder.experts]
@@ -152,8 +167,23 @@ class RouterRetriever(DenseRetriever):
             )
         if rule not in RULES:
             raise ValueError(f"unknown routing rule {rule!r}; use one of {list(RULES)}")
+        if pilots.layers is not None and not 1 <= pilots.layers <= encoder.num_layers:
+            raise ValueError(
+                f"pilot library routes on {pilots.layers} layers; "
+                f"the base model has {encoder.num_layers}"
+            )
+        if routing_precision not in ("auto", "float32", "bfloat16"):
+            raise ValueError(
+                f"routing_precision must be 'auto', 'float32' or 'bfloat16', got {routing_precision!r}"
+            )
         self.pilots = pilots
         self.rule = rule
+        self.routing_precision = routing_precision
+        bf16 = routing_precision == "bfloat16" or (
+            routing_precision == "auto" and has_fast_bfloat16(encoder.device)
+        )
+        #: dtype of the routing pass (``None``: the base model's own, float32).
+        self.routing_dtype = torch.bfloat16 if bf16 else None
 
     def route(self, queries: Sequence[str]) -> list[RouteDecision]:
         """The routing decision of each query, with every expert's score."""
@@ -163,18 +193,24 @@ class RouterRetriever(DenseRetriever):
         self, texts: list[str], batch_size: int | None
     ) -> tuple[np.ndarray, list[RouteDecision]]:
         bs = batch_size or self.batch_size
+        layers = self.pilots.layers
         ids = self.encoder.tokenize(texts)  # once, for both passes
-        emb = self.encoder.encode_tokens(ids, batch_size=bs)  # (n, d) base model
+        emb = self.encoder.encode_tokens(
+            ids, batch_size=bs, layers=layers, dtype=self.routing_dtype
+        )  # (n, d)
         decisions = route(emb, self.pilots, self.rule)
-        # The routing embedding is final for the base model (and for identity experts).
-        todo = [
-            i
-            for i, d in enumerate(decisions)
-            if d.expert != BASE and not self.encoder.is_identity(d.expert)
-        ]
+        full = (layers is None or layers == self.encoder.num_layers) and self.routing_dtype is None
+
+        def plain(expert: str) -> bool:  # the base model's own embedding is the final one
+            return expert == BASE or self.encoder.is_identity(expert)
+
+        # A full routing embedding is final for the base model (and identity experts).
+        todo = [i for i, d in enumerate(decisions) if not (full and plain(d.expert))]
         if todo:
             emb[todo] = self.encoder.encode_tokens(
-                [ids[i] for i in todo], experts=[decisions[i].expert for i in todo], batch_size=bs
+                [ids[i] for i in todo],
+                experts=[None if plain(decisions[i].expert) else decisions[i].expert for i in todo],
+                batch_size=bs,
             )
         return emb, decisions
 
@@ -213,6 +249,7 @@ class RouterRetriever(DenseRetriever):
             "version": 1,
             "routerretriever": __version__,
             "rule": self.rule,
+            "routing_precision": self.routing_precision,
             "base_model": str(self.encoder.model_path),
             "base_fingerprint": self.encoder.weights_fingerprint,
             "encoder_settings": asdict(self.encoder.settings),
@@ -246,6 +283,7 @@ class RouterRetriever(DenseRetriever):
         encoder = Encoder.load(base_model or saved, **settings)
         for name in manifest["experts"]:
             load_expert(encoder, path / "experts" / name, name)
+        kwargs.setdefault("routing_precision", manifest.get("routing_precision", "auto"))
         return cls(encoder, PilotLibrary.load(path / "pilots"), rule=manifest["rule"], **kwargs)
 
 
