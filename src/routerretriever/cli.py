@@ -330,7 +330,89 @@ def build_parser() -> argparse.ArgumentParser:
         help="routing rule (default: the best on the dev instances)",
     )
     xp.set_defaults(func=cmd_experiment)
+
+    sv = sub.add_parser("serve", help="serve routed search over HTTP (FastAPI + uvicorn)")
+    sv.add_argument("--store", type=Path, required=True, help="expert store folder")
+    sv.add_argument("--corpus", type=Path, required=True, help="BEIR folder of the documents")
+    sv.add_argument(
+        "--domain",
+        action="append",
+        default=[],
+        metavar="NAME=DIR[:SPLIT]",
+        help="a domain whose instances build the pilot library: a BEIR folder and its labelled "
+        "split (default train) or 'corpus' for pseudo-queries; repeat per domain",
+    )
+    sv.add_argument(
+        "--expert",
+        action="append",
+        default=None,
+        metavar="PATH",
+        help="expert folder (relative to the store) to serve at the first start; later starts "
+        "serve what the last run served (default: none)",
+    )
+    sv.add_argument("--index", choices=["faiss", "milvus"], default="faiss")
+    sv.add_argument(
+        "--milvus-uri",
+        default="./routerretriever-milvus.db",
+        help="Milvus Lite file or server URI, with --index milvus",
+    )
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--rule", choices=["mean", "weighted", "nearest"], default="weighted")
+    sv.add_argument("--routing-precision", choices=["auto", "float32", "bfloat16"], default="auto")
+    sv.add_argument("--model", default=None, help="base model folder or hub id")
+    sv.add_argument("--cache-dir", type=Path, default=None)
+    sv.add_argument("--batch-window-ms", type=float, default=5.0)
+    sv.add_argument(
+        "--max-batch-queries",
+        type=int,
+        default=256,
+        help="queries merged into one batch at most (0: no micro-batching)",
+    )
+    sv.add_argument("--max-queries", type=int, default=64, help="queries per request at most")
+    sv.add_argument("--max-query-chars", type=int, default=2000)
+    sv.add_argument("--max-k", type=int, default=100)
+    sv.set_defaults(func=cmd_serve)
     return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from routerretriever.data import load_corpus
+    from routerretriever.encoder import Encoder
+    from routerretriever.index import MilvusIndex
+    from routerretriever.service import create_app
+    from routerretriever.serving import DomainSource, Engine, Limits
+    from routerretriever.store import embed_corpus
+
+    domains = [DomainSource.parse(d) for d in args.domain]
+    corpus = load_corpus(args.corpus)
+    encoder = Encoder.load(args.model)
+    index = None
+    if args.index == "milvus":
+        emb = embed_corpus(encoder, corpus, cache_dir=args.cache_dir)
+        index = MilvusIndex.from_embeddings(args.milvus_uri, emb.ids, emb.embeddings)
+    engine = Engine.open(
+        encoder,
+        args.store,
+        corpus,
+        domains,
+        index=index,
+        experts=args.expert,
+        rule=args.rule,
+        routing_precision=args.routing_precision,
+        cache_dir=args.cache_dir,
+    )
+    app = create_app(
+        engine,
+        limits=Limits(args.max_queries, args.max_query_chars, args.max_k),
+        batch_window_ms=args.batch_window_ms,
+        max_batch_queries=args.max_batch_queries,
+    )
+    logger.info("serving %d documents, experts %s", len(engine.index), engine.experts)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -132,7 +132,7 @@ class RouterRetriever(DenseRetriever):
     Step 1 embeds the query with the base model and compares it with the pilot library
     (:func:`routerretriever.router.route`); step 2 embeds it again with base + the chosen
     expert's LoRA, in mixed batches. A query routed to the base model itself (``"__base__"`` in
-    the pool) keeps its routing embedding: one forward pass, not two.
+    the pool) keeps its routing embedding (with float32 routing): one forward pass, not two.
 
     Step 1 only has to pick an expert, so it can run cheaper than step 2:
     ``routing_precision="auto"`` (default) runs it in bfloat16 where the hardware does so
@@ -187,11 +187,12 @@ class RouterRetriever(DenseRetriever):
 
     def route(self, queries: Sequence[str]) -> list[RouteDecision]:
         """The routing decision of each query, with every expert's score."""
-        return self._route_and_encode(list(queries), None)[1]
+        return self.route_and_encode(list(queries), None)[1]
 
-    def _route_and_encode(
-        self, texts: list[str], batch_size: int | None
+    def route_and_encode(
+        self, texts: list[str], batch_size: int | None = None
     ) -> tuple[np.ndarray, list[RouteDecision]]:
+        """Final query embeddings ``(n, dim)`` and the routing decision of each query."""
         bs = batch_size or self.batch_size
         layers = self.pilots.layers
         ids = self.encoder.tokenize(texts)  # once, for both passes
@@ -218,7 +219,7 @@ class RouterRetriever(DenseRetriever):
         self, queries: Sequence[str], batch_size: int | None = None, **kwargs: Any
     ) -> np.ndarray:
         """Routed query embeddings ``(n, dim)``; BEIR's ``DenseRetrievalExactSearch`` calls this."""
-        return self._route_and_encode(list(queries), batch_size)[0]
+        return self.route_and_encode(list(queries), batch_size)[0]
 
     def search_with_routes(
         self, queries: Mapping[str, str], k: int = 10
@@ -227,7 +228,7 @@ class RouterRetriever(DenseRetriever):
         if self.index is None:
             raise RuntimeError("no corpus indexed yet: call index_corpus(corpus) first")
         qids = list(queries)
-        emb, decisions = self._route_and_encode([queries[q] for q in qids], None)
+        emb, decisions = self.route_and_encode([queries[q] for q in qids], None)
         hits = self.index.search(emb, k, exclude_ids=qids)
         run = {qid: dict(h) for qid, h in zip(qids, hits, strict=True)}
         return run, dict(zip(qids, decisions, strict=True))
