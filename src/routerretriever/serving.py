@@ -281,7 +281,7 @@ class Engine:
             rel = str(folder.relative_to(self.store))
             self._load(rel, name, info)
             try:
-                self._commit({**self.served, name: rel})
+                self._commit({**self.served, name: rel}, adding=True)
             except BaseException:
                 with self._model_lock:
                     self.encoder.remove_adapter(name)
@@ -305,7 +305,7 @@ class Engine:
         self.encoder.add_adapter(name, folder)  # the served router does not see it yet
         self.infos[name] = info
 
-    def _commit(self, served: dict[str, str]) -> None:
+    def _commit(self, served: dict[str, str], adding: bool = False) -> None:
         """Build the library for ``served``, record it (atomically), then swap it in."""
         names = sorted(served)
         lib = None
@@ -317,7 +317,7 @@ class Engine:
             insts = [self._instances(d, names) for d in self.sources]
             lib = build_pilots(insts, names)
         delay = float(os.environ.get(_ADD_DELAY_ENV, "0") or 0)
-        if delay and len(served) > len(self.served):
+        if delay and adding:
             time.sleep(delay)
         atomic_write(
             self.store / SERVED,

@@ -1,0 +1,182 @@
+"""Load on the HTTP service: p50/p99 latency and queries/s at 1, 8 and 32 concurrent clients,
+with micro-batching and with one request at a time (``--max-batch-queries 0``), same run.
+
+Starts ``routerretriever serve`` on loopback for each mode, sends one-query requests from N
+client threads for a fixed time, and prints a markdown table and the micro-batching speed-up.
+
+    python benchmarks/service_load.py --store runs/paper/experts --expert scifact --expert nfcorpus \
+        --expert arguana --expert cranfield --expert cisi --expert med --data ../shared/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_load(url: str, queries: list[str], clients: int, seconds: float, k: int = 10) -> dict:
+    """``clients`` threads send one-query ``/search`` requests for ``seconds``; the stats."""
+    import httpx
+
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    stop_at = time.perf_counter() + seconds
+
+    def client(offset: int) -> None:
+        i = offset
+        with httpx.Client(timeout=60) as http:
+            while time.perf_counter() < stop_at:
+                q = queries[i % len(queries)]
+                i += clients
+                start = time.perf_counter()
+                try:
+                    ok = http.post(url + "/search", json={"queries": [q], "k": k}).status_code
+                    ok = ok == 200
+                except httpx.HTTPError:
+                    ok = False
+                with lock:
+                    if ok:
+                        latencies.append(time.perf_counter() - start)
+                    else:
+                        errors[0] += 1
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    lat = sorted(latencies)
+    pick = (lambda p: 1000 * lat[min(len(lat) - 1, int(p * len(lat)))]) if lat else (lambda p: 0.0)
+    return {
+        "clients": clients,
+        "requests": len(lat),
+        "errors": errors[0],
+        "qps": len(lat) / wall,
+        "p50_ms": pick(0.50),
+        "p99_ms": pick(0.99),
+        "mean_ms": 1000 * statistics.fmean(lat) if lat else 0.0,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: argparse.Namespace, store: Path, extra: list[str]) -> tuple[Any, str]:
+    import httpx
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "routerretriever.cli", "serve", "--store", str(store)]
+    cmd += ["--corpus", str(args.corpus), "--port", str(port), *extra]
+    for d in args.domain:
+        cmd += ["--domain", d]
+    for e in args.expert or []:
+        cmd += ["--expert", e]
+    if args.cache_dir:
+        cmd += ["--cache-dir", str(args.cache_dir)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + args.start_timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("server did not start in time")
+
+
+def main() -> None:
+    from routerretriever import load_queries
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", type=Path, required=True, help="expert store (copied)")
+    parser.add_argument("--expert", action="append", help="expert folders to serve")
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data")
+    parser.add_argument(
+        "--corpus", type=Path, default=None, help="documents (default: DATA/beir/scifact)"
+    )
+    parser.add_argument(
+        "--domain",
+        action="append",
+        default=None,
+        help="NAME=DIR[:SPLIT] (default: the six domains of experiments/paper.toml)",
+    )
+    parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--start-timeout", type=float, default=900)
+    args = parser.parse_args()
+    d = args.data
+    args.corpus = args.corpus or d / "beir/scifact"
+    args.domain = args.domain or [
+        f"scifact={d}/beir/scifact:train",
+        f"nfcorpus={d}/beir/nfcorpus:train",
+        f"arguana={d}/beir/arguana:corpus",
+        f"cranfield={d}/classic/cranfield:corpus",
+        f"cisi={d}/classic/cisi:corpus",
+        f"med={d}/classic/med:corpus",
+    ]
+    sources = ["beir/scifact", "beir/nfcorpus", "classic/cranfield", "classic/cisi", "classic/med"]
+    pools = [list(load_queries(d / s).values()) for s in sources]
+    queries = [q for i in range(max(map(len, pools))) for p in pools if i < len(p) for q in [p[i]]]
+    levels = [int(c) for c in args.clients.split(",")]
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "store"
+        shutil.copytree(args.store, store, ignore=shutil.ignore_patterns(".served.json"))
+        for mode, extra in (("micro-batched", []), ("one at a time", ["--max-batch-queries", "0"])):
+            (store / ".served.json").unlink(missing_ok=True)
+            proc, url = start_server(args, store, extra)
+            try:
+                run_load(url, queries, 4, 3.0, args.k)  # warm-up
+                for c in levels:
+                    rows[(mode, c)] = run_load(url, queries, c, args.seconds, args.k)
+            finally:
+                proc.send_signal(signal.SIGINT)
+                proc.wait(timeout=60)
+
+    print(
+        f"{len(args.expert or [])} experts; corpus {args.corpus.name}; one query per request, "
+        f"k={args.k}; {args.seconds:.0f} s per level; routing precision auto"
+    )
+    print("| mode | clients | queries/s | p50 ms | p99 ms | requests | errors |")
+    print("|---|---|---|---|---|---|---|")
+    for (mode, c), r in rows.items():
+        print(
+            f"| {mode} | {c} | {r['qps']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} "
+            f"| {r['requests']} | {r['errors']} |"
+        )
+    print()
+    print("| clients | micro-batching speed-up (queries/s) |")
+    print("|---|---|")
+    for c in levels:
+        one = rows[("one at a time", c)]["qps"]
+        print(f"| {c} | {rows[('micro-batched', c)]['qps'] / one:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,353 @@
+"""The HTTP service over the real engine: limits, live expert changes, micro-batching, backends,
+Ray encoding, and a bounded load and kill test on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from routerretriever import load_beir
+from routerretriever.serving import SERVED, DomainSource, Engine, Limits, MicroBatcher
+from tests.conftest import ROOT, TINY
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from routerretriever.service import create_app  # noqa: E402
+
+QUERIES = [
+    "statins and breast cancer",
+    "wing flutter at supersonic speed",
+    "library classification of books",
+    "heart attack risk",
+    "boundary layer transition",
+]
+DOMAINS = [DomainSource("tiny", TINY, "corpus")]
+
+
+@pytest.fixture(scope="module")
+def store_src(trained, tmp_path_factory):
+    """A store with the two tiny experts and a pickle-only expert folder."""
+    _, store, _ = trained
+    dst = tmp_path_factory.mktemp("store-src")
+    for name in ("alpha", "beta"):
+        shutil.copytree(store / name, dst / name)
+    bad = dst / "pickled"
+    shutil.copytree(store / "alpha", bad)
+    (bad / "adapter_model.safetensors").unlink()
+    (bad / "adapter_model.bin").write_bytes(b"not really a pickle")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def svc_encoder():
+    from routerretriever import Encoder
+
+    return Encoder.load()
+
+
+@pytest.fixture
+def engine(svc_encoder, store_src, tmp_path_factory, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(store_src, store)
+    cache = tmp_path_factory.getbasetemp() / "service-cache"  # shared: scores computed once
+    yield Engine.open(
+        svc_encoder,
+        store,
+        load_beir(TINY).corpus,
+        DOMAINS,
+        experts=["alpha"],
+        cache_dir=cache,
+        routing_precision="float32",
+    )
+    for name in svc_encoder.experts:  # the next test starts from a bare encoder
+        svc_encoder.remove_adapter(name)
+
+
+@pytest.fixture
+def client(engine):
+    with TestClient(create_app(engine, limits=Limits(4, 200, 20))) as c:
+        yield c
+
+
+def expert_hits(engine, query: str, expert: str, k: int) -> list[str]:
+    emb = engine.encoder.encode([query], experts=expert)
+    return [d for d, _ in engine.index.search(emb, k)[0]]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"queries": QUERIES, "k": 5}, 413, "too many queries: 5 > 4 per request"),
+        ({"queries": ["x" * 201], "k": 5}, 413, "queries[0] is too long: 201 > 200 characters"),
+        ({"queries": ["ok", "  "], "k": 5}, 400, "queries[1] is empty"),
+        ({"queries": [], "k": 5}, 400, "queries must hold at least one query"),
+        ({"queries": ["ok"], "k": 0}, 400, "k must be between 1 and 20, got 0"),
+        ({"queries": ["ok"], "k": 21}, 400, "k must be between 1 and 20, got 21"),
+    ],
+)
+def test_search_limits(client, body, status, message):
+    r = client.post("/search", json=body)
+    assert r.status_code == status
+    assert r.json()["detail"] == message
+
+
+def test_malformed_search_body_names_the_field(client):
+    r = client.post("/search", json={"queries": "not a list"})
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["body", "queries"]
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "message"),
+    [
+        ("../alpha", 400, "expert path '../alpha' must be relative to the store, without '..'"),
+        ("/etc", 400, "expert path '/etc' must be relative to the store, without '..'"),
+        ("escape", 400, "expert path 'escape' leaves the store"),
+        ("missing", 404, "no expert folder 'missing' in the store"),
+        ("pickled", 422, "pickle formats are refused"),
+        ("alpha", 409, "expert 'alpha' is already served"),
+    ],
+)
+def test_add_expert_refusals(client, engine, tmp_path, path, status, message):
+    (engine.store / "escape").symlink_to(tmp_path)  # a link out of the store
+    r = client.post("/experts", json={"path": path})
+    assert r.status_code == status
+    assert message in r.json()["detail"]
+    assert engine.experts == ["alpha"]
+
+
+def test_unknown_expert_and_bad_name(client):
+    r = client.delete("/experts/gamma")
+    assert r.status_code == 404
+    assert r.json()["detail"] == "unknown expert 'gamma'; served: ['alpha']"
+    r = client.post("/experts", json={"path": "beta", "name": "bad/name"})
+    assert r.status_code == 422 and "invalid expert name 'bad/name'" in r.json()["detail"]
+
+
+def test_live_add_and_remove_change_the_answers(client, engine):
+    def search() -> list[dict]:
+        r = client.post("/search", json={"queries": QUERIES[:4], "k": 5})
+        assert r.status_code == 200
+        return r.json()["results"]
+
+    before = search()
+    assert {r["expert"] for r in before} == {"alpha"}
+    r = client.post("/experts", json={"path": "beta"})
+    assert r.status_code == 201 and r.json()["name"] == "beta"
+    assert [e["name"] for e in client.get("/experts").json()["experts"]] == ["alpha", "beta"]
+    both = search()
+    for q, res in zip(QUERIES, both, strict=False):
+        assert set(res["routing_scores"]) == {"alpha", "beta"}
+        assert res["expert"] == max(res["routing_scores"], key=res["routing_scores"].get)
+        assert [h["id"] for h in res["hits"]] == expert_hits(engine, q, res["expert"], 5)
+    r = client.delete("/experts/alpha")
+    assert r.status_code == 200 and r.json()["experts"] == ["beta"]
+    after = search()
+    assert {r["expert"] for r in after} == {"beta"}
+    for q, res in zip(QUERIES, after, strict=False):
+        assert [h["id"] for h in res["hits"]] == expert_hits(engine, q, "beta", 5)
+    assert [r["hits"] for r in after] != [r["hits"] for r in before]  # the answers changed
+    assert json.loads((engine.store / SERVED).read_text())["experts"] == {"beta": "beta"}
+    assert engine.encoder.experts == ["beta"]  # the removed expert is unloaded
+
+
+def test_live_add_equals_a_fresh_start(engine):
+    from routerretriever import Encoder
+
+    engine.add_expert("beta")
+    fresh = Engine.open(
+        Encoder.load(),
+        engine.store,
+        load_beir(TINY).corpus,
+        DOMAINS,
+        index=engine.index,
+        cache_dir=engine.cache_dir,
+        routing_precision="float32",
+    )
+    assert fresh.experts == ["alpha", "beta"]  # from .served.json
+    assert fresh.pilots.pilots == engine.pilots.pilots
+    np.testing.assert_allclose(fresh.pilots.embeddings, engine.pilots.embeddings, atol=1e-6)
+
+
+def test_micro_batching_merges_concurrent_requests(engine):
+    calls = []
+
+    def search(texts, k):
+        calls.append(len(texts))
+        return engine.search(texts, k)
+
+    batcher = MicroBatcher(search, window_s=0.2, max_queries=64)
+    try:
+        futures = [batcher.submit([q], k) for q, k in zip(QUERIES, [1, 2, 3, 4, 5], strict=True)]
+        results = [f.result(timeout=30) for f in futures]
+    finally:
+        batcher.close()
+    assert calls == [len(QUERIES)]  # one batch for the five requests
+    for q, k, (res,) in zip(QUERIES, [1, 2, 3, 4, 5], results, strict=True):
+        (alone,) = engine.search([q], k)
+        assert len(res.hits) == k and res.expert == alone.expert
+        assert [d for d, _ in res.hits] == [d for d, _ in alone.hits]
+        np.testing.assert_allclose([s for _, s in res.hits], [s for _, s in alone.hits], atol=1e-5)
+
+
+def test_a_failing_batch_fails_each_waiting_request():
+    def boom(texts, k):
+        raise RuntimeError("model crashed")
+
+    batcher = MicroBatcher(boom, window_s=0.05)
+    try:
+        futures = [batcher.submit(["q"], 1) for _ in range(3)]
+        for f in futures:
+            with pytest.raises(RuntimeError, match="model crashed"):
+                f.result(timeout=10)
+    finally:
+        batcher.close()
+
+
+def test_faiss_and_milvus_lite_agree(encoder, tmp_path):
+    pytest.importorskip("milvus_lite")
+    from routerretriever.index import FaissIndex, MilvusIndex
+    from routerretriever.store import embed_corpus
+
+    emb = embed_corpus(encoder, load_beir(TINY).corpus, cache_dir=tmp_path)
+    faiss_index = FaissIndex.from_embeddings(emb.ids, emb.embeddings)
+    milvus = MilvusIndex.from_embeddings(str(tmp_path / "m.db"), emb.ids, emb.embeddings)
+    assert len(milvus) == len(faiss_index) == len(emb.ids)
+    q = encoder.encode(QUERIES)
+    exclude = [emb.ids[0], None, None, emb.ids[3], None]
+    for k in (1, 5, 40):
+        want = faiss_index.search(q, k, exclude_ids=exclude)
+        got = milvus.search(q, k, exclude_ids=exclude)
+        for w, g in zip(want, got, strict=True):
+            assert [d for d, _ in g] == [d for d, _ in w]
+            np.testing.assert_allclose([s for _, s in g], [s for _, s in w], atol=1e-5)
+    assert all(emb.ids[0] not in dict(h) for h in milvus.search(q[:1], 40, [emb.ids[0]]))
+    with pytest.raises(ValueError, match="duplicate document id"):
+        milvus.add(emb.ids[:1], emb.embeddings[:1])
+    with pytest.raises(ValueError, match="has vector dim 384, not 8"):
+        MilvusIndex(str(tmp_path / "m.db"), 8)
+
+
+def test_ray_and_single_process_embeddings_agree(encoder):
+    pytest.importorskip("ray")
+    import ray
+
+    from routerretriever.distributed import encode_corpus_ray
+
+    corpus = load_beir(TINY).corpus
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        ids, emb = encode_corpus_ray(encoder, corpus, actors=2, rows_per_task=8)
+    finally:
+        ray.shutdown()
+    assert ids == list(corpus)
+    want = encoder.encode([corpus[d].full_text for d in ids])
+    np.testing.assert_allclose(emb, want, atol=1e-5)
+
+
+# -- a real server on loopback -------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(store: Path, cache: Path, extra_env: dict | None = None, *args: str):
+    port = free_port()
+    cmd = [sys.executable, "-m", "routerretriever.cli", "serve", "--store", str(store)]
+    cmd += ["--corpus", str(TINY), "--domain", f"tiny={TINY}:corpus", "--port", str(port)]
+    cmd += ["--cache-dir", str(cache), "--routing-precision", "float32", *args]
+    env = {**os.environ, **(extra_env or {})}
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read()}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def stop(proc) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_load_on_loopback_has_no_errors(store_src, tmp_path):
+    from benchmarks.service_load import run_load
+
+    store = tmp_path / "store"
+    shutil.copytree(store_src, store)
+    proc, url = start_server(store, tmp_path / "cache", None, "--expert", "alpha")
+    try:
+        stats = run_load(url, QUERIES, clients=8, seconds=3.0, k=5)
+    finally:
+        stop(proc)
+    assert stats["errors"] == 0, stats
+    assert stats["requests"] >= 8 and stats["p99_ms"] >= stats["p50_ms"] > 0
+
+
+def test_killed_while_adding_an_expert_restarts_consistent(store_src, tmp_path):
+    import httpx
+
+    store, cache = tmp_path / "store", tmp_path / "cache"
+    shutil.copytree(store_src, store)
+    delay = {"ROUTERRETRIEVER_TEST_ADD_DELAY": "60"}  # the add waits before it commits
+    proc, url = start_server(store, cache, delay, "--expert", "alpha")
+    scores = list((cache / "scores").glob("*.npz"))
+    def add_beta() -> None:
+        try:
+            httpx.post(url + "/experts", json={"path": "beta"}, timeout=120)
+        except httpx.HTTPError:  # the server is killed before it answers
+            pass
+
+    adding = threading.Thread(target=add_beta, daemon=True)
+    adding.start()
+    deadline = time.time() + 60  # wait until beta has been scored: the add is under way
+    while len(list((cache / "scores").glob("*.npz"))) == len(scores) and time.time() < deadline:
+        time.sleep(0.2)
+    assert len(list((cache / "scores").glob("*.npz"))) > len(scores)
+    assert httpx.get(url + "/experts").json()["experts"][0]["name"] == "alpha"
+    proc.kill()  # SIGKILL in the middle of the add
+    proc.wait()
+
+    assert json.loads((store / SERVED).read_text()) == {"experts": {"alpha": "alpha"}}
+    proc, url = start_server(store, cache)
+    try:
+        assert [e["name"] for e in httpx.get(url + "/experts").json()["experts"]] == ["alpha"]
+        r = httpx.post(url + "/search", json={"queries": QUERIES[:2], "k": 3})
+        assert r.status_code == 200 and {x["expert"] for x in r.json()["results"]} == {"alpha"}
+        r = httpx.post(url + "/experts", json={"path": "beta"}, timeout=120)  # now it completes
+        assert r.status_code == 201
+        assert json.loads((store / SERVED).read_text())["experts"] == {
+            "alpha": "alpha",
+            "beta": "beta",
+        }
+    finally:
+        stop(proc)
+    assert not [p for p in store.iterdir() if p.name.endswith(".tmp")]
