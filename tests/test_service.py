@@ -202,6 +202,28 @@ def test_micro_batching_merges_concurrent_requests(engine):
         np.testing.assert_allclose([s for _, s in res.hits], [s for _, s in alone.hits], atol=1e-5)
 
 
+def test_requests_queued_during_a_batch_form_the_next_one(engine):
+    calls, running = [], threading.Event()
+
+    def search(texts, k):
+        calls.append(len(texts))
+        if len(calls) == 1:
+            running.wait(10)  # the first batch is busy while the others arrive
+        return engine.search(texts, k)
+
+    batcher = MicroBatcher(search)  # the default: no window, take what is queued
+    try:
+        first = batcher.submit(QUERIES[:1], 3)
+        time.sleep(0.2)
+        rest = [batcher.submit([q], 3) for q in QUERIES[1:]]
+        running.set()
+        assert len(first.result(timeout=30)) == 1
+        assert [len(f.result(timeout=30)[0].hits) for f in rest] == [3] * 4
+    finally:
+        batcher.close()
+    assert calls == [1, 4]
+
+
 def test_a_failing_batch_fails_each_waiting_request():
     def boom(texts, k):
         raise RuntimeError("model crashed")
@@ -320,6 +342,7 @@ def test_killed_while_adding_an_expert_restarts_consistent(store_src, tmp_path):
     delay = {"ROUTERRETRIEVER_TEST_ADD_DELAY": "60"}  # the add waits before it commits
     proc, url = start_server(store, cache, delay, "--expert", "alpha")
     scores = list((cache / "scores").glob("*.npz"))
+
     def add_beta() -> None:
         try:
             httpx.post(url + "/experts", json={"path": "beta"}, timeout=120)

@@ -362,7 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--routing-precision", choices=["auto", "float32", "bfloat16"], default="auto")
     sv.add_argument("--model", default=None, help="base model folder or hub id")
     sv.add_argument("--cache-dir", type=Path, default=None)
-    sv.add_argument("--batch-window-ms", type=float, default=5.0)
+    sv.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=0.0,
+        help="hold a batch's first request this long for others (default 0: take what is queued)",
+    )
     sv.add_argument(
         "--max-batch-queries",
         type=int,

@@ -48,7 +48,7 @@ def create_app(
     engine: Engine,
     *,
     limits: Limits | None = None,
-    batch_window_ms: float = 5.0,
+    batch_window_ms: float = 0.0,
     max_batch_queries: int = 256,
 ) -> Any:
     """The FastAPI application serving ``engine`` (``max_batch_queries=0``: no micro-batching)."""

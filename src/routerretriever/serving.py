@@ -302,7 +302,8 @@ class Engine:
     def _load(self, rel: str, name: str, info: ExpertInfo | None = None) -> None:
         folder = self.store / rel
         info = info or check_folder(folder, self.encoder)
-        self.encoder.add_adapter(name, folder)  # the served router does not see it yet
+        with self._model_lock:  # a batch may be reading the expert table
+            self.encoder.add_adapter(name, folder)  # the served router does not route to it yet
         self.infos[name] = info
 
     def _commit(self, served: dict[str, str], adding: bool = False) -> None:
@@ -413,17 +414,19 @@ class Engine:
 
 
 class MicroBatcher:
-    """Merges concurrent ``submit`` calls into one :meth:`Engine.search` per short window.
+    """Merges concurrent ``submit`` calls into one :meth:`Engine.search`.
 
-    The first request of a batch waits at most ``window_s`` for others; a batch closes early at
-    ``max_queries`` queries. ``window_s=0, max_queries=0`` runs each request alone.
+    When the model frees up, every request queued meanwhile joins the next batch (up to
+    ``max_queries`` queries), so batches grow with load and a lone request waits for nothing.
+    ``window_s > 0`` also holds a batch's first request that long for others to arrive;
+    ``max_queries=0`` runs each request alone.
     """
 
     def __init__(
         self,
         search: Callable[[Sequence[str], int], list[SearchResult]],
         *,
-        window_s: float = 0.005,
+        window_s: float = 0.0,
         max_queries: int = 256,
     ) -> None:
         self._search = search
