@@ -4,6 +4,22 @@ import numpy as np
 import pytest
 
 from routerretriever import FaissIndex
+from routerretriever.index import MilvusIndex
+
+
+@pytest.fixture(params=["faiss", "milvus-lite"])
+def make_index(request, tmp_path):
+    """The same tests for each backend: FAISS in process, Milvus Lite in a local file."""
+    if request.param == "faiss":
+        return FaissIndex
+    pytest.importorskip("milvus_lite")
+    made = []
+
+    def make(dim):
+        made.append(1)
+        return MilvusIndex(str(tmp_path / f"m{len(made)}.db"), dim)
+
+    return make
 
 
 def brute_force(docs: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -11,12 +27,12 @@ def brute_force(docs: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("n_docs,k", [(17, 5), (100, 17), (3, 10)])
-def test_matches_brute_force(n_docs, k):
+def test_matches_brute_force(make_index, n_docs, k):
     rng = np.random.default_rng(n_docs)
     docs = rng.standard_normal((n_docs, 8)).astype(np.float32)
     queries = rng.standard_normal((7, 8)).astype(np.float32)
     ids = [f"d{i}" for i in range(n_docs)]
-    index = FaissIndex(8)
+    index = make_index(8)
     for start in range(0, n_docs, 17 // 2):  # awkward chunks
         index.add(ids[start : start + 8], docs[start : start + 8])
     hits = index.search(queries, k)
@@ -28,16 +44,17 @@ def test_matches_brute_force(n_docs, k):
         )
 
 
-def test_query_own_id_is_not_a_hit():
+def test_query_own_id_is_not_a_hit(make_index):
     docs = np.eye(4, dtype=np.float32)
-    index = FaissIndex.from_embeddings(["a", "b", "c", "d"], docs)
+    index = make_index(4)
+    index.add(["a", "b", "c", "d"], docs)
     hits = index.search(docs[:2], k=2, exclude_ids=["a", "zzz"])
     assert len(hits[0]) == 2 and "a" not in {h[0] for h in hits[0]}
     assert hits[1][0][0] == "b"
 
 
-def test_errors():
-    index = FaissIndex(4)
+def test_errors(make_index):
+    index = make_index(4)
     with pytest.raises(ValueError, match=r"shape \(2, 4\)"):
         index.add(["a", "b"], np.zeros((2, 3), dtype=np.float32))
     index.add(["a"], np.zeros((1, 4), dtype=np.float32))
@@ -45,4 +62,4 @@ def test_errors():
         index.add(["a"], np.zeros((1, 4), dtype=np.float32))
     with pytest.raises(ValueError, match="k must be positive"):
         index.search(np.zeros((1, 4), dtype=np.float32), 0)
-    assert FaissIndex(4).search(np.zeros((2, 4), dtype=np.float32), 3) == [[], []]
+    assert make_index(4).search(np.zeros((2, 4), dtype=np.float32), 3) == [[], []]

@@ -238,26 +238,20 @@ def test_a_failing_batch_fails_each_waiting_request():
         batcher.close()
 
 
-def test_faiss_and_milvus_lite_agree(encoder, tmp_path):
+def test_search_answers_equal_with_faiss_and_milvus_lite(engine, tmp_path):
     pytest.importorskip("milvus_lite")
-    from routerretriever.index import FaissIndex, MilvusIndex
+    from routerretriever.index import MilvusIndex
     from routerretriever.store import embed_corpus
 
-    emb = embed_corpus(encoder, load_beir(TINY).corpus, cache_dir=tmp_path)
-    faiss_index = FaissIndex.from_embeddings(emb.ids, emb.embeddings)
-    milvus = MilvusIndex.from_embeddings(str(tmp_path / "m.db"), emb.ids, emb.embeddings)
-    assert len(milvus) == len(faiss_index) == len(emb.ids)
-    q = encoder.encode(QUERIES)
-    exclude = [emb.ids[0], None, None, emb.ids[3], None]
-    for k in (1, 5, 40):
-        want = faiss_index.search(q, k, exclude_ids=exclude)
-        got = milvus.search(q, k, exclude_ids=exclude)
-        for w, g in zip(want, got, strict=True):
-            assert [d for d, _ in g] == [d for d, _ in w]
-            np.testing.assert_allclose([s for _, s in g], [s for _, s in w], atol=1e-5)
-    assert all(emb.ids[0] not in dict(h) for h in milvus.search(q[:1], 40, [emb.ids[0]]))
-    with pytest.raises(ValueError, match="duplicate document id"):
-        milvus.add(emb.ids[:1], emb.embeddings[:1])
+    emb = embed_corpus(engine.encoder, load_beir(TINY).corpus, cache_dir=engine.cache_dir)
+    engine.add_expert("beta")
+    with_faiss = engine.search(QUERIES, 10)
+    engine.index = MilvusIndex.from_embeddings(str(tmp_path / "m.db"), emb.ids, emb.embeddings)
+    with_milvus = engine.search(QUERIES, 10)
+    assert len(engine.index) == len(emb.ids)
+    for f, m in zip(with_faiss, with_milvus, strict=True):
+        assert m.expert == f.expert and [d for d, _ in m.hits] == [d for d, _ in f.hits]
+        np.testing.assert_allclose([s for _, s in m.hits], [s for _, s in f.hits], atol=1e-5)
     with pytest.raises(ValueError, match="has vector dim 384, not 8"):
         MilvusIndex(str(tmp_path / "m.db"), 8)
 
