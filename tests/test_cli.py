@@ -73,3 +73,12 @@ def test_train_expert_list_and_evaluate_with_it(tiny, tmp_path, capsys):
     assert "invalid expert name" in capsys.readouterr().err
     assert main(["train-expert", "x", "--dataset", str(tiny), "--split", "test"]) == 2
     assert "test split is for evaluation only" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_bad_setup_before_listening(tiny, tmp_path, capsys):
+    assert main(["serve", "--store", str(tmp_path / "nope"), "--corpus", str(tiny)]) == 2
+    assert "expert store" in capsys.readouterr().err
+    (tmp_path / "store").mkdir()
+    args = ["serve", "--store", str(tmp_path / "store"), "--corpus", str(tiny), "--domain", "x"]
+    assert main(args) == 2
+    assert "domain 'x': expected NAME=DIR or NAME=DIR:SPLIT" in capsys.readouterr().err

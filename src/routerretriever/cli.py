@@ -391,7 +391,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from routerretriever.serving import DomainSource, Engine, Limits
     from routerretriever.store import embed_corpus
 
-    domains = [DomainSource.parse(d) for d in args.domain]
+    domains = [DomainSource.parse(d) for d in args.domain]  # fail before loading anything
+    if not args.store.is_dir():
+        raise RouterRetrieverError(f"--store {args.store}: expert store does not exist")
     corpus = load_corpus(args.corpus)
     encoder = Encoder.load(args.model)
     index = None
@@ -416,7 +418,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch_queries=args.max_batch_queries,
     )
     logger.info("serving %d documents, experts %s", len(engine.index), engine.experts)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    try:
+        # No lifespan: its only job, stopping the batcher thread (a daemon), ends with the process.
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", lifespan="off")
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly
+        pass
     return 0
 
 
