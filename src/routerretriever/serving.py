@@ -201,7 +201,12 @@ class Engine:
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ModelError(f"{state}: unreadable served-experts file ({e})") from None
         else:
-            served = {Path(p).name: p for p in experts or []}
+            served = {}
+            for p in experts or []:
+                folder = engine.resolve(p)
+                served[ExpertInfo.read(folder).name] = str(folder.relative_to(engine.store))
+        for source in engine.sources:  # bad domain data fails now, not at the first add
+            engine._domain(source)
         with engine._admin_lock:
             for name, rel in served.items():
                 engine._load(rel, name)
