@@ -256,21 +256,30 @@ def test_search_answers_equal_with_faiss_and_milvus_lite(engine, tmp_path):
         MilvusIndex(str(tmp_path / "m.db"), 8)
 
 
-def test_ray_and_single_process_embeddings_agree(encoder):
+def test_ray_and_single_process_embeddings_agree(encoder, tmp_path):
     pytest.importorskip("ray")
     import ray
 
-    from routerretriever.distributed import encode_corpus_ray
+    from routerretriever.distributed import encode_corpus_ray, ray_embedder
+    from routerretriever.store import embed_corpus
 
     corpus = load_beir(TINY).corpus
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         ids, emb = encode_corpus_ray(encoder, corpus, actors=2, rows_per_task=8)
+        # Through the corpus cache: Ray fills it, the single-process path then reads it.
+        first = embed_corpus(
+            encoder, corpus, cache_dir=tmp_path, embedder=ray_embedder(encoder, actors=1)
+        )
     finally:
         ray.shutdown()
     assert ids == list(corpus)
     want = encoder.encode([corpus[d].full_text for d in ids])
     np.testing.assert_allclose(emb, want, atol=1e-5)
+    again = embed_corpus(encoder, corpus, cache_dir=tmp_path)
+    assert not first.cached and again.cached
+    np.testing.assert_array_equal(again.embeddings, first.embeddings)
+    np.testing.assert_allclose(first.embeddings, want, atol=1e-5)
 
 
 # -- a real server on loopback -------------------------------------------------------------------

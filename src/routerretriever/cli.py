@@ -356,6 +356,18 @@ def build_parser() -> argparse.ArgumentParser:
         default="./routerretriever-milvus.db",
         help="Milvus Lite file or server URI, with --index milvus",
     )
+    sv.add_argument(
+        "--ray-actors",
+        type=int,
+        default=0,
+        help="embed a corpus missing from the cache with this many Ray actors (default: 0, "
+        "in process)",
+    )
+    sv.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to use with --ray-actors, e.g. 'auto' (default: start a local Ray)",
+    )
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--rule", choices=["mean", "weighted", "nearest"], default="weighted")
@@ -386,7 +398,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from routerretriever.data import load_corpus
     from routerretriever.encoder import Encoder
-    from routerretriever.index import MilvusIndex
+    from routerretriever.index import FaissIndex, MilvusIndex
     from routerretriever.service import create_app
     from routerretriever.serving import DomainSource, Engine, Limits
     from routerretriever.store import embed_corpus
@@ -396,10 +408,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise RouterRetrieverError(f"--store {args.store}: expert store does not exist")
     corpus = load_corpus(args.corpus)
     encoder = Encoder.load(args.model)
-    index = None
+    embedder = None
+    if args.ray_actors:
+        import ray
+
+        from routerretriever.distributed import ray_embedder
+
+        ray.init(address=args.ray_address, include_dashboard=False)
+        embedder = ray_embedder(encoder, actors=args.ray_actors)
+    emb = embed_corpus(encoder, corpus, cache_dir=args.cache_dir, embedder=embedder)
     if args.index == "milvus":
-        emb = embed_corpus(encoder, corpus, cache_dir=args.cache_dir)
         index = MilvusIndex.from_embeddings(args.milvus_uri, emb.ids, emb.embeddings)
+    else:
+        index = FaissIndex.from_embeddings(emb.ids, emb.embeddings)
     engine = Engine.open(
         encoder,
         args.store,

@@ -10,6 +10,7 @@ needs this package and the base model installed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -91,3 +92,13 @@ def encode_corpus_ray(
         raise RuntimeError(f"Ray returned {seen} embeddings for {len(ids)} documents")
     logger.info("encoded %d documents with %d Ray actors", len(ids), actors)
     return ids, emb
+
+
+def ray_embedder(encoder: Encoder, **kwargs: Any) -> Callable[[Corpus], np.ndarray]:
+    """An ``embedder`` for :func:`routerretriever.store.embed_corpus` that encodes with Ray, so
+    the result lands in the same on-disk cache; ``kwargs`` go to :func:`encode_corpus_ray`."""
+
+    def embed(corpus: Corpus) -> np.ndarray:
+        return encode_corpus_ray(encoder, corpus, **kwargs)[1]
+
+    return embed

@@ -107,10 +107,13 @@ def embed_corpus(
     use_cache: bool = True,
     batch_size: int = 32,
     show_progress: bool | None = None,
+    embedder: Callable[[Corpus], np.ndarray] | None = None,
 ) -> CorpusEmbeddings:
     """Embed a corpus with the base model, reading and filling the on-disk cache.
 
     A cache file that cannot be read, or that does not match the corpus, is logged and rebuilt.
+    ``embedder`` computes a missing entry another way (e.g. with Ray:
+    :func:`routerretriever.distributed.ray_embedder`); it must give the base model's vectors.
     """
     ids = list(corpus)
     path = None
@@ -127,8 +130,17 @@ def embed_corpus(
                 logger.warning("%s does not match the corpus; re-encoding", path)
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
                 logger.warning("cannot read cached embeddings %s (%s); re-encoding", path, e)
-    texts = [doc.full_text for doc in corpus.values()]
-    emb = encoder.encode(texts, batch_size=batch_size, show_progress=show_progress, desc="corpus")
+    if embedder is not None:
+        emb = np.asarray(embedder(corpus), dtype=np.float32)
+        if emb.shape != (len(ids), encoder.dim):
+            raise ValueError(
+                f"embedder gave shape {emb.shape}, expected ({len(ids)}, {encoder.dim})"
+            )
+    else:
+        texts = [doc.full_text for doc in corpus.values()]
+        emb = encoder.encode(
+            texts, batch_size=batch_size, show_progress=show_progress, desc="corpus"
+        )
     if path is not None:
 
         def write(tmp: Path) -> None:
