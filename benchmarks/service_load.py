@@ -24,7 +24,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,31 +81,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: argparse.Namespace, store: Path, extra: list[str]) -> tuple[Any, str]:
+def start_server(
+    serve_args: list[str], env: dict[str, str] | None = None, timeout: float = 900
+) -> tuple[subprocess.Popen, str]:
+    """``routerretriever serve SERVE_ARGS`` on a free loopback port, once ``/health`` answers."""
     import httpx
 
     port = _free_port()
-    cmd = [sys.executable, "-m", "routerretriever.cli", "serve", "--store", str(store)]
-    cmd += ["--corpus", str(args.corpus), "--port", str(port), *extra]
-    for d in args.domain:
-        cmd += ["--domain", d]
-    for e in args.expert or []:
-        cmd += ["--expert", e]
-    if args.cache_dir:
-        cmd += ["--cache-dir", str(args.cache_dir)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=os.environ.copy())
+    cmd = [sys.executable, "-m", "routerretriever.cli", "serve", "--port", str(port), *serve_args]
+    log = tempfile.TemporaryFile("w+")  # the server's stderr, shown if it fails to start
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stderr=log)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + args.start_timeout
+    deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
+            log.seek(0)
+            raise RuntimeError(f"server exited with {proc.returncode}: {log.read()[-4000:]}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
-            time.sleep(0.5)
+            time.sleep(0.3)
     proc.kill()
-    raise SystemExit("server did not start in time")
+    raise RuntimeError("server did not start in time")
 
 
 def main() -> None:
@@ -158,7 +155,11 @@ def main() -> None:
         )
         for mode, extra in modes:
             (store / ".served.json").unlink(missing_ok=True)
-            proc, url = start_server(args, store, extra)
+            serve = ["--store", str(store), "--corpus", str(args.corpus), *extra]
+            serve += [x for d in args.domain for x in ("--domain", d)]
+            serve += [x for e in args.expert or [] for x in ("--expert", e)]
+            serve += ["--cache-dir", str(args.cache_dir)] if args.cache_dir else []
+            proc, url = start_server(serve, timeout=args.start_timeout)
             try:
                 run_load(url, queries, 4, 3.0, args.k)  # warm-up
                 for c in levels:

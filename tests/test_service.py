@@ -4,12 +4,9 @@ Ray encoding, and a bounded load and kill test on loopback."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +16,7 @@ import pytest
 
 from routerretriever import load_beir
 from routerretriever.serving import SERVED, DomainSource, Engine, Limits, MicroBatcher
-from tests.conftest import ROOT, TINY
+from tests.conftest import TINY
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -285,33 +282,12 @@ def test_ray_and_single_process_embeddings_agree(encoder, tmp_path):
 # -- a real server on loopback -------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(store: Path, cache: Path, extra_env: dict | None = None, *args: str):
-    port = free_port()
-    cmd = [sys.executable, "-m", "routerretriever.cli", "serve", "--store", str(store)]
-    cmd += ["--corpus", str(TINY), "--domain", f"tiny={TINY}:corpus", "--port", str(port)]
-    cmd += ["--cache-dir", str(cache), "--routing-precision", "float32", *args]
-    env = {**os.environ, **(extra_env or {})}
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    import httpx
+    from benchmarks.service_load import start_server as start
 
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("server did not start")
+    serve = ["--store", str(store), "--corpus", str(TINY), "--domain", f"tiny={TINY}:corpus"]
+    serve += ["--cache-dir", str(cache), "--routing-precision", "float32", *args]
+    return start(serve, extra_env, timeout=120)
 
 
 def stop(proc) -> None:
@@ -323,18 +299,30 @@ def stop(proc) -> None:
             proc.kill()
 
 
-def test_load_on_loopback_has_no_errors(store_src, tmp_path):
+def test_load_with_live_expert_changes_on_loopback_has_no_errors(store_src, tmp_path):
+    import httpx
+
     from benchmarks.service_load import run_load
 
     store = tmp_path / "store"
     shutil.copytree(store_src, store)
     proc, url = start_server(store, tmp_path / "cache", None, "--expert", "alpha")
+    stats: dict = {}
     try:
-        stats = run_load(url, QUERIES, clients=8, seconds=3.0, k=5)
+        load = threading.Thread(
+            target=lambda: stats.update(run_load(url, QUERIES, clients=8, seconds=4.0, k=5))
+        )
+        load.start()
+        time.sleep(0.5)  # the experts change while 8 clients search
+        assert httpx.post(url + "/experts", json={"path": "beta"}, timeout=60).status_code == 201
+        assert httpx.delete(url + "/experts/alpha", timeout=60).status_code == 200
+        load.join()
+        after = httpx.post(url + "/search", json={"queries": QUERIES[:2], "k": 3}).json()
     finally:
         stop(proc)
     assert stats["errors"] == 0, stats
     assert stats["requests"] >= 8 and stats["p99_ms"] >= stats["p50_ms"] > 0
+    assert {r["expert"] for r in after["results"]} == {"beta"}
 
 
 def test_killed_while_adding_an_expert_restarts_consistent(store_src, tmp_path):

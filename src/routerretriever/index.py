@@ -29,6 +29,17 @@ class VectorIndex(Protocol):
     def __len__(self) -> int: ...
 
 
+def _check_search(
+    queries: np.ndarray, k: int, exclude_ids: Sequence[str | None] | None, dim: int
+) -> None:
+    if k < 1:
+        raise ValueError(f"k must be positive, got {k}")
+    if queries.ndim != 2 or queries.shape[1] != dim:
+        raise ValueError(f"queries must have shape (n, {dim}), got {queries.shape}")
+    if exclude_ids is not None and len(exclude_ids) != len(queries):
+        raise ValueError("exclude_ids must have one entry per query")
+
+
 class FaissIndex:
     """FAISS ``IndexFlatIP``: exact top-k by inner product (cosine when vectors are normalised)."""
 
@@ -72,12 +83,7 @@ class FaissIndex:
         ``exclude_ids[i]``, when given, is dropped from query ``i``'s hits: BEIR's convention
         that a document with the query's own id is not a hit (ArguAna's queries are documents).
         """
-        if k < 1:
-            raise ValueError(f"k must be positive, got {k}")
-        if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise ValueError(f"queries must have shape (n, {self.dim}), got {queries.shape}")
-        if exclude_ids is not None and len(exclude_ids) != len(queries):
-            raise ValueError("exclude_ids must have one entry per query")
+        _check_search(queries, k, exclude_ids, self.dim)
         if not self._ids or len(queries) == 0:
             return [[] for _ in range(len(queries))]
         extra = int(exclude_ids is not None and any(q in self._id_set for q in exclude_ids))
@@ -176,12 +182,7 @@ class MilvusIndex:
         self, queries: np.ndarray, k: int, exclude_ids: Sequence[str | None] | None = None
     ) -> list[Hits]:
         """As :meth:`FaissIndex.search`: top-``k`` ``(doc_id, score)`` per query, best first."""
-        if k < 1:
-            raise ValueError(f"k must be positive, got {k}")
-        if queries.ndim != 2 or queries.shape[1] != self.dim:
-            raise ValueError(f"queries must have shape (n, {self.dim}), got {queries.shape}")
-        if exclude_ids is not None and len(exclude_ids) != len(queries):
-            raise ValueError("exclude_ids must have one entry per query")
+        _check_search(queries, k, exclude_ids, self.dim)
         if len(queries) == 0:
             return []
         extra = int(exclude_ids is not None and any(q is not None for q in exclude_ids))
