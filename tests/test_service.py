@@ -253,6 +253,46 @@ def test_search_answers_equal_with_faiss_and_milvus_lite(engine, tmp_path):
         MilvusIndex(str(tmp_path / "m.db"), 8)
 
 
+def test_a_milvus_collection_of_the_same_corpus_is_reused(encoder, tmp_path):
+    pytest.importorskip("milvus_lite")
+    from routerretriever.serving import corpus_index
+
+    corpus = load_beir(TINY).corpus
+    calls = []
+
+    def embedder(c):
+        calls.append(len(c))
+        return encoder.encode([d.full_text for d in c.values()])
+
+    uri = str(tmp_path / "m.db")
+    q = encoder.encode(QUERIES)
+    first = corpus_index(
+        encoder,
+        corpus,
+        backend="milvus",
+        milvus_uri=uri,
+        cache_dir=tmp_path / "a",
+        embedder=embedder,
+    )
+    again = corpus_index(
+        encoder,
+        corpus,
+        backend="milvus",
+        milvus_uri=uri,
+        cache_dir=tmp_path / "b",
+        embedder=embedder,
+    )
+    assert calls == [len(corpus)]  # the second start embedded and inserted nothing
+    assert again.search(q, 5) == first.search(q, 5)
+    smaller = dict(list(corpus.items())[:10])  # another corpus: its own collection
+    other = corpus_index(
+        encoder, smaller, backend="milvus", milvus_uri=uri, cache_dir=tmp_path / "c"
+    )
+    assert len(other) == 10 and len(again) == len(corpus)
+    with pytest.raises(ValueError, match="'faiss' or 'milvus' with a URI"):
+        corpus_index(encoder, corpus, backend="milvus")
+
+
 def test_ray_and_single_process_embeddings_agree(encoder, tmp_path):
     pytest.importorskip("ray")
     import ray

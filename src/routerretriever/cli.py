@@ -354,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument(
         "--milvus-uri",
         default="./routerretriever-milvus.db",
-        help="Milvus Lite file or server URI, with --index milvus",
+        help="Milvus Lite file or server URI, with --index milvus (a collection already holding "
+        "this corpus is reused)",
     )
     sv.add_argument(
         "--ray-actors",
@@ -398,10 +399,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from routerretriever.data import load_corpus
     from routerretriever.encoder import Encoder
-    from routerretriever.index import FaissIndex, MilvusIndex
     from routerretriever.service import create_app
-    from routerretriever.serving import DomainSource, Engine, Limits
-    from routerretriever.store import embed_corpus
+    from routerretriever.serving import DomainSource, Engine, Limits, corpus_index
 
     domains = [DomainSource.parse(d) for d in args.domain]  # fail before loading anything
     if not args.store.is_dir():
@@ -416,11 +415,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         ray.init(address=args.ray_address, include_dashboard=False)
         embedder = ray_embedder(encoder, actors=args.ray_actors)
-    emb = embed_corpus(encoder, corpus, cache_dir=args.cache_dir, embedder=embedder)
-    if args.index == "milvus":
-        index = MilvusIndex.from_embeddings(args.milvus_uri, emb.ids, emb.embeddings)
-    else:
-        index = FaissIndex.from_embeddings(emb.ids, emb.embeddings)
+    index = corpus_index(
+        encoder,
+        corpus,
+        backend=args.index,
+        milvus_uri=args.milvus_uri,
+        cache_dir=args.cache_dir,
+        embedder=embedder,
+    )
     engine = Engine.open(
         encoder,
         args.store,

@@ -124,6 +124,45 @@ def _digest_files(folder: Path, names: Sequence[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def corpus_index(
+    encoder: Encoder,
+    corpus: Corpus,
+    *,
+    backend: str = "faiss",
+    milvus_uri: str | None = None,
+    cache_dir: str | Path | None = None,
+    embedder: Callable[[Corpus], np.ndarray] | None = None,
+    batch_size: int = 32,
+) -> VectorIndex:
+    """The shared index of ``corpus``'s base-model embeddings: FAISS in process, or Milvus.
+
+    A Milvus collection is named after the base model and the corpus fingerprints, so a restart
+    against a Milvus that already holds this corpus reuses it instead of inserting it again; a
+    collection left incomplete (e.g. by a killed start) is rebuilt.
+    """
+    from routerretriever.index import MilvusIndex
+    from routerretriever.store import corpus_fingerprint
+
+    def embeddings() -> tuple[list[str], np.ndarray]:
+        emb = embed_corpus(
+            encoder, corpus, cache_dir=cache_dir, batch_size=batch_size, embedder=embedder
+        )
+        return emb.ids, emb.embeddings
+
+    if backend == "faiss":
+        return FaissIndex.from_embeddings(*embeddings())
+    if backend != "milvus" or not milvus_uri:
+        raise ValueError(f"index backend must be 'faiss' or 'milvus' with a URI, got {backend!r}")
+    name = f"rr_{encoder.fingerprint}_{corpus_fingerprint(corpus)}"
+    index = MilvusIndex(milvus_uri, encoder.dim, collection=name)
+    if len(index) == len(corpus):
+        logger.info("re-using Milvus collection %s (%d documents)", name, len(corpus))
+        return index
+    index = MilvusIndex(milvus_uri, encoder.dim, collection=name, overwrite=True)
+    index.add(*embeddings())
+    return index
+
+
 class Engine:
     """The shared index, the base encoder and the served experts, searchable from many threads.
 
@@ -186,13 +225,12 @@ class Engine:
         """Index ``corpus`` (unless ``index`` is given) and serve the experts of the last run
         (``STORE/.served.json``), else ``experts`` (folders relative to the store), else none."""
         if index is None:
-            emb = embed_corpus(
+            index = corpus_index(
                 encoder,
                 corpus,
                 cache_dir=kwargs.get("cache_dir"),
                 batch_size=kwargs.get("batch_size", 32),
             )
-            index = FaissIndex.from_embeddings(emb.ids, emb.embeddings)
         engine = cls(encoder, store, index, domains, **kwargs)
         state = engine.store / SERVED
         if state.is_file():
