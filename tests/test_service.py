@@ -125,6 +125,15 @@ def test_add_expert_refusals(client, engine, tmp_path, path, status, message):
     assert engine.experts == ["alpha"]
 
 
+def test_openapi_and_health(client):
+    spec = client.get("/openapi.json").json()
+    assert {"/search", "/experts", "/experts/{name}", "/health"} <= set(spec["paths"])
+    assert set(spec["paths"]["/experts"]) == {"get", "post"}
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["experts"] == ["alpha"]
+    assert health["documents"] == 40
+
+
 def test_unknown_expert_and_bad_name(client):
     r = client.delete("/experts/gamma")
     assert r.status_code == 404
