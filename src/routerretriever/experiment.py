@@ -474,7 +474,6 @@ def run_systems(exp: Experiment, rule: str | None = None) -> dict[str, Any]:
         import torch
 
         test_b = exp.in_space(test, {}, dtype=torch.bfloat16)[0]
-        lib = build_pilots(train_inst, experts)
         name = f"RouterRetriever ({chosen}, bf16 routing)"
         systems.append(_routed(name, test_b, seen, router(experts, chosen, train_inst)))
         bf16_agreement = {
@@ -580,8 +579,7 @@ def run_experiment(config: str | Path, rule: str | None = None) -> Path:
     train_inst = exp.instances("train")
     build_pilots(train_inst, exp.experts).save(cfg.results / "pilots")
     build_pilots(train_inst, [BASE, *exp.experts]).save(cfg.results / "pilots-with-base")
-    test = exp.test_scores()
     for k in cfg.routing_layers:
-        insts_k = exp.in_space(test, {"train": train_inst}, k)[1]["train"]
+        insts_k = exp.in_space({}, {"train": train_inst}, k)[1]["train"]
         build_pilots(insts_k, exp.experts, layers=k).save(cfg.results / f"pilots-{k}-layers")
     return write_report(exp, res)
