@@ -68,10 +68,11 @@ def encode_corpus_ray(
     texts = [corpus[i].full_text for i in ids]
     order = sorted(range(len(ids)), key=lambda i: -len(texts[i]))
     items = [{"id": ids[i], "text": texts[i]} for i in order]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items) // rows_per_task))
+    per_task = max(1, min(rows_per_task, -(-len(items) // actors)))  # every actor gets work
+    ds = ray.data.from_items(items, override_num_blocks=-(-len(items) // per_task))
     out = ds.map_batches(
         _EncodeActor,
-        batch_size=rows_per_task,
+        batch_size=per_task,
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1,
         fn_constructor_kwargs={
