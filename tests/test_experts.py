@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -46,11 +47,33 @@ def test_switching_experts_on_one_base_model(trained):
     np.testing.assert_allclose(a, out["alpha"][2], atol=1e-6)
     np.testing.assert_allclose(b, out["beta"][2], atol=1e-6)
     np.testing.assert_allclose(enc.encode(PROBES), base, atol=1e-6)  # base unaffected
-    mixed = enc.encode(PROBES, experts=["beta", None, "alpha"])  # one mixed batch
+    calls = []
+    original = enc._forward_mixed
+    enc._forward_mixed = lambda batch, names: calls.append(list(names)) or original(batch, names)
+    mixed = enc.encode(PROBES, experts=["beta", None, "alpha"])  # batches mixing experts
+    assert calls and all(len(set(c)) > 1 for c in calls)  # the mixed pass really ran
     np.testing.assert_allclose(mixed[0], b[0], atol=1e-5)
     np.testing.assert_allclose(mixed[1], base[1], atol=1e-5)
     np.testing.assert_allclose(mixed[2], a[2], atol=1e-5)
+    # Threads mixing experts differently at once each get their own rows' experts.
+    plans = [["alpha", "beta", None], [None, "alpha", "beta"], ["beta", "beta", "alpha"]] * 4
+    want = {"alpha": a, "beta": b, None: base}
+    results: list = [None] * len(plans)
+
+    def run(k: int) -> None:
+        results[k] = enc.encode(PROBES, experts=plans[k])
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(plans))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for plan, got in zip(plans, results, strict=True):
+        np.testing.assert_allclose(got, [want[e][i] for i, e in enumerate(plan)], atol=1e-5)
     enc.remove_adapter("alpha")
+    mixed = enc.encode(PROBES, experts=["beta", None, "beta"])  # rebuilt without alpha
+    np.testing.assert_allclose(mixed[[0, 2]], b[[0, 2]], atol=1e-5)
+    np.testing.assert_allclose(mixed[1], base[1], atol=1e-5)
     with pytest.raises(ValueError, match=r"unknown expert\(s\) \['alpha'\]; loaded: \['beta'\]"):
         enc.encode(PROBES, experts="alpha")
     enc.remove_adapter("beta")

@@ -14,7 +14,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -189,10 +190,15 @@ class Encoder:
         self.model_path = model_path
         self.device = torch.device(device)
         self._fingerprint: str | None = None
-        # Each loaded expert as merged weights {param name: W + scale * B @ A}, applied with
-        # torch.func.functional_call: the base model itself is never modified, and an expert pass
-        # costs exactly a base pass (no extra LoRA matmuls at inference).
-        self._experts: dict[str, dict[str, torch.Tensor]] = {}
+        # Each loaded expert as a shallow copy of the base model in which only the targeted
+        # layers hold merged weights W + scale * B @ A: the base model itself is never modified,
+        # every other weight is shared, and an expert pass costs exactly a base pass.
+        self._experts: dict[str, torch.nn.Module] = {}
+        # The same experts as LoRA factors {module path: (A, scale * B)}, for batches that mix
+        # experts: one pass with the base weights plus each row's own low-rank term.
+        self._lora: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._mixed: torch.nn.Module | None = None
+        self._mix_rows = threading.local()  # per thread: the current batch's rows per expert
         self.expert_dirs: dict[str, Path] = {}  # where each loaded expert came from
         self._identity: set[str] = set()
         self._variants: dict[tuple[int | None, torch.dtype | None], torch.nn.Module] = {}
@@ -371,6 +377,7 @@ class Encoder:
         weights = load_file(str(folder / "adapter_model.safetensors"))
         params = dict(self.model.named_parameters())
         merged: dict[str, torch.Tensor] = {}
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for key, a in weights.items():
             if ".lora_A." not in key:
                 continue
@@ -379,10 +386,14 @@ class Encoder:
             if b is None or target not in params:
                 raise ModelError(f"{folder}: adapter weight {key!r} matches no base-model layer")
             w = params[target].detach()
-            merged[target] = w + scale * (b.to(w.dtype) @ a.to(w.dtype)).to(w.device)  # (out, in)
+            a, b = a.to(w.dtype).to(w.device), (scale * b).to(w.dtype).to(w.device)
+            merged[target] = w + b @ a  # (out, in)
+            factors[target.removesuffix(".weight")] = (a, b)  # (r, in), (out, r)
         if not merged or len(merged) * 2 != sum(".lora_" in k for k in weights):
             raise ModelError(f"{folder}: adapter_model.safetensors holds no usable LoRA weights")
-        self._experts[name] = merged
+        self._experts[name] = _with_params(self.model, merged)
+        self._lora[name] = factors
+        self._mixed = None
         self.expert_dirs[name] = folder
         if all(not w.any() for k, w in weights.items() if ".lora_B." in k):
             # LoRA's B starts at zero: an expert that early stopping kept at step 0 is the base
@@ -398,6 +409,8 @@ class Encoder:
         if name not in self._experts:
             raise ValueError(f"unknown expert {name!r}; loaded: {self.experts}")
         del self._experts[name]
+        del self._lora[name]
+        self._mixed = None
         self.expert_dirs.pop(name, None)
         self._identity.discard(name)
 
@@ -416,9 +429,7 @@ class Encoder:
         if model is not None:
             out = model(**inputs)
         elif expert is not None:
-            out = torch.func.functional_call(
-                self.model, self._experts[expert], args=(), kwargs=inputs
-            )
+            out = self._experts[expert](**inputs)
         else:
             out = self.model(**inputs)
         return self.pool(out.last_hidden_state.float(), batch["attention_mask"])
@@ -441,7 +452,8 @@ class Encoder:
         on the input order beyond that. ``show_progress=None`` shows a bar on a terminal only.
         ``model`` swaps in another module with the same interface (e.g. the base plus a LoRA).
         ``experts`` applies a loaded expert to every text (a name) or per text (a list, ``None``
-        meaning the base model); batches are formed per expert. ``layers`` and ``dtype`` run
+        meaning the base model); a batch may mix experts (each row gets its own expert's LoRA
+        term on top of the shared base weights). ``layers`` and ``dtype`` run
         :meth:`variant` of the base model instead (a cheaper routing pass).
         """
         texts = list(texts)
@@ -514,28 +526,111 @@ class Encoder:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         out = np.empty((len(ids), self.dim), dtype=np.float32)  # (n, d)
-        # Batches never mix experts; within an expert, longest first (least padding).
-        groups: dict[str | None, list[int]] = {}
-        for i in sorted(range(len(ids)), key=lambda i: -len(ids[i])):
-            e = None if per_text is None else per_text[i]
-            groups.setdefault(None if e in self._identity else e, []).append(i)
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # longest first
+        names = [None] * len(ids) if per_text is None else per_text
+        names = [None if e in self._identity else e for e in names]
         net = model if model is not None else self.model
         was_training = net.training
         net.eval()
         try:
             with torch.inference_mode():
-                for expert, group in groups.items():
-                    for rows in _batches(ids, group, batch_size):
-                        emb = self.forward(self.collate([ids[i] for i in rows]), model, expert)
-                        out[rows] = emb.float().cpu().numpy()  # (B, d)
-                        bar.update(len(rows))
+                for rows in _batches(ids, order, batch_size):
+                    batch = self.collate([ids[i] for i in rows])
+                    experts = {names[i] for i in rows}
+                    if len(experts) == 1:
+                        emb = self.forward(batch, model, experts.pop())
+                    else:  # rows of several experts: base weights plus each row's LoRA term
+                        emb = self._forward_mixed(batch, [names[i] for i in rows])
+                    out[rows] = emb.float().cpu().numpy()  # (B, d)
+                    bar.update(len(rows))
         finally:
             net.train(was_training)
         return out
 
+    def _forward_mixed(
+        self, batch: dict[str, torch.Tensor], names: Sequence[str | None]
+    ) -> torch.Tensor:
+        """One pass over a batch whose rows use different experts (``None``: the base model)."""
+        if self._mixed is None:
+            self._mixed = _with_lora_rows(self.model, self._lora, self._mix_rows)
+        rows: dict[str, list[int]] = {}
+        for j, name in enumerate(names):
+            if name is not None:
+                rows.setdefault(name, []).append(j)
+        device = batch["input_ids"].device
+        self._mix_rows.groups = [
+            (torch.tensor(r, device=device), self._lora[e]) for e, r in rows.items()
+        ]
+        try:
+            return self.forward(batch, self._mixed)
+        finally:
+            self._mix_rows.groups = []
+
+
+def _path_copier(model: torch.nn.Module) -> Callable[[str], torch.nn.Module]:
+    """Shallow-copies ``model`` and, on demand, the submodules on a dotted path, so the copy can
+    be changed along that path while every other module and weight stays shared."""
+    root = copy.copy(model)
+    root._modules = dict(model._modules)
+    root._parameters = dict(model._parameters)
+    copies: dict[str, torch.nn.Module] = {"": root}
+
+    def get(path: str) -> torch.nn.Module:
+        if path not in copies:
+            parent_path, _, name = path.rpartition(".")
+            parent = get(parent_path)
+            child = copy.copy(parent._modules[name])
+            child._modules = dict(child._modules)
+            child._parameters = dict(child._parameters)
+            parent._modules[name] = child
+            copies[path] = child
+        return copies[path]
+
+    return get
+
+
+def _with_params(model: torch.nn.Module, params: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A copy of ``model`` sharing all its weights except ``params`` (name -> tensor)."""
+    get = _path_copier(model)
+    for name, tensor in params.items():
+        path, _, attr = name.rpartition(".")
+        get(path)._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
+    return get("")
+
+
+class _RowLoRA(torch.nn.Module):
+    """A base linear layer plus, for the rows of each expert in the batch, that expert's LoRA
+    term ``(x A^T) (scale B)^T``; the rows come from the encoder's per-thread batch state."""
+
+    def __init__(self, base: torch.nn.Module, path: str, state: threading.local) -> None:
+        super().__init__()
+        self.base, self.path, self.state = base, path, state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)  # (B, L, out)
+        for rows, factors in getattr(self.state, "groups", ()):
+            ab = factors.get(self.path)
+            if ab is not None:
+                a, b = ab
+                y.index_add_(0, rows, (x.index_select(0, rows) @ a.T) @ b.T)
+        return y
+
+
+def _with_lora_rows(
+    model: torch.nn.Module,
+    lora: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]],
+    state: threading.local,
+) -> torch.nn.Module:
+    """A copy of ``model`` whose LoRA-targeted layers add each row's own expert term."""
+    get = _path_copier(model)
+    for path in sorted({p for factors in lora.values() for p in factors}):
+        parent, _, name = path.rpartition(".")
+        get(parent)._modules[name] = _RowLoRA(model.get_submodule(path), path, state)
+    return get("")
+
 
 def _cut_layers(model: torch.nn.Module, layers: int) -> torch.nn.Module:
-    """A shallow copy of ``model`` whose layer list keeps its first ``layers`` entries.
+    """A copy of ``model`` whose layer list keeps its first ``layers`` entries.
 
     Finds the ``ModuleList`` of ``config.num_hidden_layers`` layers (``encoder.layer`` in BERT,
     RoBERTa, MPNet; ``transformer.layer`` in DistilBERT) and copies only the modules on the path
@@ -552,13 +647,8 @@ def _cut_layers(model: torch.nn.Module, layers: int) -> torch.nn.Module:
     )
     if path is None:
         raise ModelError(f"cannot find the {n} transformer layers of {type(model).__name__}")
-    root = copy.copy(model)
-    root._modules = dict(model._modules)
-    parent, *parts = root, *path.split(".")
-    for part in parts[:-1]:
-        child = copy.copy(parent._modules[part])
-        child._modules = dict(child._modules)
-        parent._modules[part] = child
-        parent = child
-    parent._modules[parts[-1]] = torch.nn.ModuleList(list(parent._modules[parts[-1]])[:layers])
-    return root
+    get = _path_copier(model)
+    parent_path, _, name = path.rpartition(".")
+    parent = get(parent_path)
+    parent._modules[name] = torch.nn.ModuleList(list(parent._modules[name])[:layers])
+    return get("")
