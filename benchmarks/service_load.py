@@ -1,10 +1,10 @@
 """Load on the HTTP service: p50/p99 latency and queries/s at 1, 8 and 32 concurrent clients,
 with micro-batching and with one request at a time (``--max-batch-queries 0``), same run.
 
-Starts ``routerretriever serve`` on loopback for each mode (micro-batching as by default, with a
-5 ms window, and off), sends one-query requests from N client threads for a fixed time, and prints
-a markdown table and the micro-batching speed-up. Client threads share the machine's cores with
-the server.
+Starts ``routerretriever serve`` on loopback once per mode (micro-batching as by default, with a
+5 ms window, and off), then in interleaved rounds sends one-query requests from N client threads
+to each for a fixed time, and prints a markdown table (rounds pooled) and the micro-batching
+speed-up. Client threads share the machine's cores with the servers; idle servers wait.
 
     python benchmarks/service_load.py --store runs/paper/experts --expert scifact --expert nfcorpus \
         --expert arguana --expert cranfield --expert cisi --expert med --data ../shared/data
@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_load(url: str, queries: list[str], clients: int, seconds: float, k: int = 10) -> dict:
-    """``clients`` threads send one-query ``/search`` requests for ``seconds``; the stats."""
+    """``clients`` threads send one-query ``/search`` requests for ``seconds``; the stats of the
+    requests answered within that time (errors: any non-200 answer or failed request)."""
     import httpx
 
     latencies: list[float] = []
@@ -49,29 +50,34 @@ def run_load(url: str, queries: list[str], clients: int, seconds: float, k: int 
                     ok = ok == 200
                 except httpx.HTTPError:
                     ok = False
+                done = time.perf_counter()
                 with lock:
-                    if ok:
-                        latencies.append(time.perf_counter() - start)
-                    else:
+                    if not ok:
                         errors[0] += 1
+                    elif done <= stop_at:  # requests still running at the end do not count
+                        latencies.append(done - start)
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - start
+    return summarise(latencies, errors[0], seconds)
+
+
+def summarise(latencies: list[float], errors: int, seconds: float) -> dict:
+    """Requests, errors, queries/s and latency percentiles (ms) of one or several runs."""
     lat = sorted(latencies)
     pick = (lambda p: 1000 * lat[min(len(lat) - 1, int(p * len(lat)))]) if lat else (lambda p: 0.0)
     return {
-        "clients": clients,
         "requests": len(lat),
-        "errors": errors[0],
-        "qps": len(lat) / wall,
+        "errors": errors,
+        "seconds": seconds,
+        "qps": len(lat) / seconds,
         "p50_ms": pick(0.50),
         "p99_ms": pick(0.99),
         "mean_ms": 1000 * statistics.fmean(lat) if lat else 0.0,
+        "latencies": latencies,
     }
 
 
@@ -123,7 +129,8 @@ def main() -> None:
         help="NAME=DIR[:SPLIT] (default: the six domains of experiments/paper.toml)",
     )
     parser.add_argument("--clients", default="1,8,32")
-    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--seconds", type=float, default=10.0, help="per level and round")
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--start-timeout", type=float, default=900)
@@ -144,33 +151,47 @@ def main() -> None:
     queries = [q for q in queries if len(q) <= 2000]  # the server's default limit (one CISI query)
     levels = [int(c) for c in args.clients.split(",")]
 
-    rows = {}
+    modes = {
+        "micro-batched": [],
+        "micro-batched, 5 ms window": ["--batch-window-ms", "5"],
+        "one at a time": ["--max-batch-queries", "0"],
+    }
+    runs: dict[tuple[str, int], list[dict]] = {(m, c): [] for m in modes for c in levels}
     with tempfile.TemporaryDirectory() as tmp:
-        store = Path(tmp) / "store"
-        shutil.copytree(args.store, store, ignore=shutil.ignore_patterns(".served.json"))
-        modes = (
-            ("micro-batched", []),
-            ("micro-batched, 5 ms window", ["--batch-window-ms", "5"]),
-            ("one at a time", ["--max-batch-queries", "0"]),
-        )
-        for mode, extra in modes:
-            (store / ".served.json").unlink(missing_ok=True)
-            serve = ["--store", str(store), "--corpus", str(args.corpus), *extra]
-            serve += [x for d in args.domain for x in ("--domain", d)]
-            serve += [x for e in args.expert or [] for x in ("--expert", e)]
-            serve += ["--cache-dir", str(args.cache_dir)] if args.cache_dir else []
-            proc, url = start_server(serve, timeout=args.start_timeout)
-            try:
+        servers = {}
+        try:
+            for mode, extra in modes.items():  # one server per mode, each with its own store
+                store = Path(tmp) / f"store-{len(servers)}"
+                shutil.copytree(args.store, store, ignore=shutil.ignore_patterns(".served.json"))
+                serve = ["--store", str(store), "--corpus", str(args.corpus), *extra]
+                serve += [x for d in args.domain for x in ("--domain", d)]
+                serve += [x for e in args.expert or [] for x in ("--expert", e)]
+                serve += ["--cache-dir", str(args.cache_dir)] if args.cache_dir else []
+                servers[mode] = start_server(serve, timeout=args.start_timeout)
+            for _, url in servers.values():
                 run_load(url, queries, 4, 3.0, args.k)  # warm-up
+            # Interleaved rounds, so a slow spell of the machine hits every mode alike.
+            for _ in range(args.rounds):
                 for c in levels:
-                    rows[(mode, c)] = run_load(url, queries, c, args.seconds, args.k)
-            finally:
+                    for mode, (_, url) in servers.items():
+                        runs[(mode, c)].append(run_load(url, queries, c, args.seconds, args.k))
+        finally:
+            for proc, _ in servers.values():
                 proc.send_signal(signal.SIGINT)
                 proc.wait(timeout=60)
+    rows = {
+        key: summarise(
+            [x for r in rs for x in r["latencies"]],
+            sum(r["errors"] for r in rs),
+            sum(r["seconds"] for r in rs),
+        )
+        for key, rs in runs.items()
+    }
 
     print(
         f"{len(args.expert or [])} experts; corpus {args.corpus.name}; one query per request, "
-        f"k={args.k}; {args.seconds:.0f} s per level; routing precision auto"
+        f"k={args.k}; {args.rounds} interleaved rounds of {args.seconds:.0f} s per mode and "
+        "level; routing precision auto"
     )
     print("| mode | clients | queries/s | p50 ms | p99 ms | requests | errors |")
     print("|---|---|---|---|---|---|---|")
