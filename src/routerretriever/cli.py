@@ -440,7 +440,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         batch_window_ms=args.batch_window_ms,
         max_batch_queries=args.max_batch_queries,
     )
-    logger.info("serving %d documents, experts %s", len(engine.index), engine.experts)
+    print(
+        f"serving {len(engine.index)} documents with experts {engine.experts} at "
+        f"http://{args.host}:{args.port} (API pages at /docs; Ctrl-C stops)",
+        file=sys.stderr,
+    )
     try:
         # No lifespan: its only job, stopping the batcher thread (a daemon), ends with the process.
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", lifespan="off")
