@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from routerretriever import DenseRetriever, Document, embed_corpus, evaluate_retriever, load_beir
-from routerretriever.store import atomic_write
+from routerretriever.files import atomic_write
 
 
 class CountingEncoder:

@@ -16,7 +16,7 @@ logger = logging.getLogger("routerretriever")
 
 
 def _write_json(path: Path, payload: object) -> None:
-    from routerretriever.store import atomic_write
+    from routerretriever.files import atomic_write
 
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))
 

@@ -24,13 +24,16 @@ import numpy as np
 from routerretriever.data import load_beir
 from routerretriever.encoder import BASE, Encoder
 from routerretriever.experts import load_expert
+from routerretriever.files import atomic_write
+from routerretriever.hybrid_eval import run_pool
 from routerretriever.index import FaissIndex
+from routerretriever.lexical import BM25Config, BM25Index
 from routerretriever.pilots import DomainInstances, PilotLibrary, build_pilots
 from routerretriever.pseudo import PseudoQueryConfig
 from routerretriever.report import write_report
 from routerretriever.retriever import per_query_ndcg
 from routerretriever.router import RULES, expert_scores
-from routerretriever.store import atomic_write, embed_corpus
+from routerretriever.store import embed_corpus
 from routerretriever.training import TrainConfig, load_training_set
 
 logger = logging.getLogger(__name__)
@@ -65,6 +68,7 @@ class ExperimentConfig:
     batch_size: int = 32
     routing_layers: list[int] = field(default_factory=list)  # also route on these first layers
     routing_bf16: bool = False  # also route with a bfloat16 routing pass
+    bm25: BM25Config = field(default_factory=BM25Config)  # the pool's lexical member
 
     @classmethod
     def load(cls, path: str | Path) -> ExperimentConfig:
@@ -106,6 +110,7 @@ class ExperimentConfig:
             batch_size=raw.get("batch_size", 32),
             routing_layers=[int(k) for k in raw.get("routing_layers", [])],
             routing_bf16=bool(raw.get("routing_bf16", False)),
+            bm25=BM25Config(**raw.get("bm25", {})),
         )
 
     @property
@@ -193,6 +198,7 @@ class Experiment:
             load_expert(self.encoder, cfg.store / name)
         self.models = [BASE, *self.experts, MULTITASK]
         self.domains: dict[str, Domain] = {}
+        self.lexical: dict[str, BM25Index] = {}
         for spec in cfg.domains:
             ds = load_beir(spec.path, cfg.test_split)
             emb = embed_corpus(
@@ -205,8 +211,11 @@ class Experiment:
                 ds.queries,
                 ds.qrels,
             )
+            self.lexical[spec.name] = BM25Index.cached(ds.corpus, cfg.bm25, cfg.cache_dir)
         self.cache = cfg.results / "cache"
         self._training_sets: dict[str, Any] = {}
+        #: ``(part, domain)`` -> the sampled instance queries and qrels of :meth:`instances`
+        self.instance_queries: dict[tuple[str, str], tuple[dict[str, str], dict]] = {}
 
     def _scores(
         self,
@@ -270,6 +279,7 @@ class Experiment:
             random.Random(self.cfg.seed).shuffle(qids)
             qids = sorted(qids[: self.cfg.max_instances])
             sub_q, sub_r = {q: queries[q] for q in qids}, {q: qrels[q] for q in qids}
+            self.instance_queries[(part, spec.name)] = (sub_q, sub_r)
             # Pseudo-query instances are judged against the full corpus they came from.
             scores = {}
             for model in [BASE, *self.experts]:
@@ -280,6 +290,16 @@ class Experiment:
                     base_emb = emb
             out.append(DomainInstances(spec.name, qids, base_emb, scores))
         return out
+
+    def member_embeddings(self, part: str, domain: str, members: Sequence[str]) -> dict:
+        """Each member's query embeddings ``(n, d)`` of a domain's test queries (``part="test"``)
+        or its ``"train"``/``"dev"`` instances (after :meth:`instances`), from the score cache."""
+        dom = self.domains[domain]
+        if part == "test":
+            queries, qrels = dom.test_queries, dom.test_qrels
+        else:
+            queries, qrels = self.instance_queries[(part, domain)]
+        return {m: self._scores(f"{part}-{domain}-{m}", m, dom, queries, qrels)[1] for m in members}
 
     def _variant_emb(
         self, key: str, queries: dict[str, str], layers: int | None, dtype: Any
@@ -574,6 +594,7 @@ def run_experiment(config: str | Path, rule: str | None = None) -> Path:
     train_all(cfg)
     exp = Experiment(cfg)
     res = run_systems(exp, rule)
+    res["pool"] = run_pool(exp, exp.instances("train"), res["rule"])
     res["seconds"] = round(time.perf_counter() - start, 1)
     # Save the pilot libraries (with and without the base model in the pool) for reuse.
     train_inst = exp.instances("train")

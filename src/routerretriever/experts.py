@@ -17,7 +17,7 @@ from typing import Any
 
 from routerretriever.encoder import BASE, Encoder
 from routerretriever.errors import ModelError
-from routerretriever.store import atomic_dir
+from routerretriever.files import atomic_dir
 
 logger = logging.getLogger(__name__)
 

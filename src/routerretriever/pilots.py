@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from routerretriever.store import atomic_write
+from routerretriever.files import atomic_write
 
 logger = logging.getLogger(__name__)
 

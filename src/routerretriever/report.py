@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from routerretriever.store import atomic_write
+from routerretriever.files import atomic_write
 
 if TYPE_CHECKING:
     from routerretriever.experiment import Experiment
@@ -102,12 +102,98 @@ def write_report(exp: Experiment, res: dict[str, Any]) -> Path:
         "",
     ]
     md += ["![growth](growth.png)", "", "![routing](routing.png)", ""]
+    if "pool" in res:
+        md += _pool_section(res["pool"], seen, unseen)
     path = out / "results.md"
     atomic_write(path, lambda tmp: tmp.write_text("\n".join(md)))
     payload = {**res, "systems": [asdict(s) | {"average": s.average} for s in res["systems"]]}
+    if "pool" in res:  # what scripts read first: the default system
+        d = res["pool"]["default"]
+        payload = {
+            "default": {
+                "name": d["name"],
+                "per_domain": d["per_domain"],
+                "average": d["average"],
+                "zero_shot_average": d["zero_shot_average"],
+            },
+            **payload,
+        }
     atomic_write(out / "results.json", lambda tmp: tmp.write_text(json.dumps(payload, indent=2)))
     _figures(exp, res, out)
     return path
+
+
+def _pool_section(pool: dict[str, Any], seen: list[str], unseen: list[str]) -> list[str]:
+    """Markdown for :func:`routerretriever.hybrid_eval.run_pool`'s results."""
+    lab = pool["labelled_dev_domains"]
+    chosen = set(pool["family_choice"].values())
+    d = pool["default"]
+
+    def row(name: str, dev: dict, test: dict, extra: Sequence[Any]) -> list[Any]:
+        return [
+            name,
+            float(np.mean([dev[x] for x in lab])),
+            float(np.mean(list(dev.values()))),
+            *(test[x] for x in seen),
+            float(np.mean([test[x] for x in seen])),
+            *extra,
+        ]
+
+    header = ["system", "dev (labelled)", "dev (all)", *seen, "avg", "passes", "chosen"]
+    rows = [row(n, v["dev"], v["test"], ["", ""]) for n, v in pool["baselines"].items()] + [
+        row(
+            c["name"],
+            c["dev"],
+            c["test"],
+            [
+                f"{c['cost']:.2f}",
+                "default" if c["name"] == d["name"] else "family" if c["name"] in chosen else "",
+            ],
+        )
+        for c in pool["candidates"]
+    ]
+    z = d["zero_shot"]
+    b = pool["base_fused"]["per_domain"]
+    cols = [*seen, *unseen]
+    return [
+        "## The pool with a lexical member: every candidate",
+        "",
+        f"Default (chosen on dev, see hybrid_eval.py): **{d['name']}**, test average "
+        f"{100 * d['average']:.1f}, zero-shot average {100 * d['zero_shot_average']:.1f}. "
+        "dev (labelled): mean over the dev instances of "
+        + ", ".join(lab)
+        + " (real queries; the lexical weight of each family is chosen there); dev (all): "
+        "mean over every domain's dev instances (the family is chosen there, among those "
+        "needing at most one expert pass per query). passes: expert passes per query beyond "
+        "the routing pass, on dev. Lexical weight each family would get if chosen on all dev "
+        "instances, pseudo-queries included: "
+        + ", ".join(f"{f} {a}" for f, a in pool["alpha_if_chosen_on_all_dev"].items())
+        + ".",
+        "",
+        _table(header, rows),
+        "",
+        "### Zero-shot (own expert and its instances removed; unseen domains with all)",
+        "",
+        _table(
+            ["system", *cols, "avg"],
+            [
+                [
+                    pool["base_fused"]["name"],
+                    *(b[x] for x in cols),
+                    float(np.mean([b[x] for x in cols])),
+                ],
+                [d["name"], *(z[x] for x in cols), float(np.mean([z[x] for x in cols]))],
+            ],
+        ),
+        "",
+        "### Growth: experts added one at a time (default system, average over seen domains)",
+        "",
+        _table(
+            ["experts", d["name"]],
+            [[" + ".join(g["experts"]), g["average"]] for g in pool["growth"]],
+        ),
+        "",
+    ]
 
 
 def _figures(exp: Experiment, res: dict[str, Any], out: Path) -> None:

@@ -20,10 +20,11 @@ from routerretriever.data import BeirDataset, Corpus, Document, Run
 from routerretriever.encoder import BASE, Encoder, has_fast_bfloat16
 from routerretriever.errors import ModelError
 from routerretriever.evaluation import DEFAULT_METRICS, EvalResult, evaluate, parse_metric
+from routerretriever.files import atomic_dir
 from routerretriever.index import FaissIndex, VectorIndex
 from routerretriever.pilots import PilotLibrary
 from routerretriever.router import RULES, RouteDecision, Rule, route
-from routerretriever.store import atomic_dir, embed_corpus
+from routerretriever.store import embed_corpus
 
 logger = logging.getLogger(__name__)
 

@@ -63,3 +63,49 @@ def route(query_emb: np.ndarray, pilots: PilotLibrary, rule: Rule = "mean") -> l
         )
         for b, row in zip(best, scores, strict=True)
     ]
+
+
+def neighbour_weights(
+    query_emb: np.ndarray,
+    inst_emb: np.ndarray,
+    k: int,
+    tau: float,
+    exclude: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` training instances nearest each query and their softmax(similarity / tau) weights.
+
+    ``exclude[i]``, when given, is the row of ``inst_emb`` that query ``i`` itself is (``-1``:
+    none): it is never its own neighbour, so an instance's score never predicts itself.
+    Returns ``(idx, w)``, both ``(n, k)``; each row of ``w`` sums to 1.
+    """
+    if not 1 <= k <= len(inst_emb) - (exclude is not None):
+        raise ValueError(f"k must be in [1, {len(inst_emb) - (exclude is not None)}], got {k}")
+    if tau <= 0:
+        raise ValueError(f"tau must be positive, got {tau}")
+    sim = query_emb.astype(np.float64) @ inst_emb.T.astype(np.float64)  # (n, N)
+    if exclude is not None:
+        rows = np.flatnonzero(exclude >= 0)
+        sim[rows, exclude[rows]] = -np.inf
+    idx = np.argpartition(-sim, k - 1, axis=1)[:, :k]  # (n, k)
+    s = np.take_along_axis(sim, idx, axis=1) / tau  # (n, k)
+    w = np.exp(s - s.max(axis=1, keepdims=True))
+    return idx, w / w.sum(axis=1, keepdims=True)
+
+
+def expected_scores(
+    query_emb: np.ndarray,
+    inst_emb: np.ndarray,
+    inst_scores: np.ndarray,
+    k: int = 80,
+    tau: float = 0.05,
+    exclude: np.ndarray | None = None,
+) -> np.ndarray:
+    """Each candidate's expected score for each query: the similarity-weighted mean of its scores
+    on the query's ``k`` nearest training instances.
+
+    ``inst_scores`` is ``(N, C)``: candidate ``c``'s nDCG@10 on instance ``j`` (a candidate is a
+    pool member, or a member with a lexical weight). Returns ``(n, C)``. See
+    :func:`neighbour_weights` for ``exclude``.
+    """
+    idx, w = neighbour_weights(query_emb, inst_emb, k, tau, exclude)  # (n, k), (n, k)
+    return np.einsum("nk,nkc->nc", w, inst_scores[idx])  # (n, C)

@@ -33,11 +33,12 @@ from routerretriever.data import Corpus
 from routerretriever.encoder import BASE, Encoder
 from routerretriever.errors import ModelError, RouterRetrieverError
 from routerretriever.experts import ExpertInfo, check_folder, check_name
+from routerretriever.files import atomic_write, default_cache_dir
 from routerretriever.index import FaissIndex, Hits, VectorIndex
 from routerretriever.pilots import DomainInstances, PilotLibrary, build_pilots
 from routerretriever.retriever import RouterRetriever, RoutingPrecision, per_query_ndcg
 from routerretriever.router import RouteDecision, Rule
-from routerretriever.store import atomic_write, default_cache_dir, embed_corpus
+from routerretriever.store import embed_corpus
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,367 @@
+"""The pool with a lexical member, measured: every candidate system's dev and test scores.
+
+A candidate turns each query's base embedding into member weights (which dense members' query
+vectors are mixed, :func:`routerretriever.fusion.mix_queries`) and a dense weight ``alpha``
+(fused with BM25 by :func:`routerretriever.fusion.fuse_scores`). Unlike the paper's systems,
+whose scores follow from each model's per-query nDCG, a mixture or a fusion is a new ranking:
+each is searched and scored here, from the member embeddings the experiment already cached.
+
+Choices are made on dev instances only. Pseudo-query instances are crops of their own positive
+document, so BM25 finds them by their words far more easily than real queries: the lexical
+weight is therefore chosen on the domains with labelled dev queries, and everything else on the
+dev instances of every domain (the report shows what choosing ``alpha`` on all would give).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from routerretriever.encoder import BASE
+from routerretriever.evaluation import evaluate
+from routerretriever.fusion import Hits, fuse_scores, mix_queries, reciprocal_rank
+from routerretriever.index import FaissIndex
+from routerretriever.pilots import PilotLibrary, build_pilots
+from routerretriever.router import expected_scores, expert_scores
+
+if TYPE_CHECKING:
+    from routerretriever.experiment import Experiment
+
+logger = logging.getLogger(__name__)
+
+DEPTH = 100  # each list's depth before fusion
+ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)  # dense weights tried
+
+
+@dataclass
+class QuerySet:
+    """One domain's queries (test queries or training/dev instances) and what any candidate needs:
+    every member's query embeddings, the shared index, and the BM25 hits."""
+
+    domain: str
+    qids: list[str]
+    qrels: dict[str, dict[str, int]]
+    emb: dict[str, np.ndarray]  # member -> (n, d)
+    index: FaissIndex
+    lexical: list[Hits]
+    labelled: bool
+    _dense: dict[str, list[Hits]] = field(default_factory=dict)
+
+    @property
+    def base(self) -> np.ndarray:
+        return self.emb[BASE]  # (n, d): the routing embedding
+
+    def dense_member(self, member: str) -> list[Hits]:
+        if member not in self._dense:
+            self._dense[member] = self.index.search(self.emb[member], DEPTH, self.qids)
+        return self._dense[member]
+
+    def ndcg(self, run: Sequence[Hits]) -> np.ndarray:
+        """Per-query nDCG@10 ``(n,)`` of one ranked list per query (0 for no hits)."""
+        per = evaluate(
+            self.qrels, {q: dict(h[:10]) for q, h in zip(self.qids, run, strict=True)}, ["ndcg@10"]
+        ).per_query
+        return np.array([per.get(q, {}).get("ndcg@10", 0.0) for q in self.qids])
+
+    def score(self, members: Sequence[str], weights: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+        """nDCG@10 per query of the mixture ``weights`` ``(n, m)`` of ``members`` fused with BM25
+        at dense weight ``alpha`` ``(n,)``."""
+        one = np.flatnonzero(weights.max(axis=1) >= 1.0 - 1e-9)
+        dense: list[Hits] = [[] for _ in self.qids]
+        if len(one) == len(self.qids):  # pure members: reuse their cached searches
+            for i in range(len(self.qids)):
+                dense[i] = self.dense_member(members[int(weights[i].argmax())])[i]
+        else:
+            q = mix_queries(np.stack([self.emb[m] for m in members]), weights)  # (n, d)
+            dense = self.index.search(q, DEPTH, self.qids)
+        run = [
+            fuse_scores(d, lex, float(a), 10)
+            for d, lex, a in zip(dense, self.lexical, alpha, strict=True)
+        ]
+        return self.ndcg(run)
+
+
+def one_hot(choice: np.ndarray, m: int) -> np.ndarray:
+    w = np.zeros((len(choice), m))
+    w[np.arange(len(choice)), choice] = 1.0
+    return w
+
+
+@dataclass
+class Library:
+    """What a router may learn from: the training instances of the pool's domains."""
+
+    sets: list[QuerySet]
+    members: list[str]
+    pilots: PilotLibrary
+
+    @property
+    def emb(self) -> np.ndarray:
+        return np.concatenate([s.base for s in self.sets])  # (N, d)
+
+    def member_scores(self) -> np.ndarray:
+        """``(N, m)``: each member's nDCG@10 on each instance (dense alone)."""
+        return np.concatenate(
+            [np.stack([s.ndcg(s.dense_member(m)) for m in self.members], axis=1) for s in self.sets]
+        )
+
+
+# A policy maps (library, query set) to member weights (n, m) over library.members and alpha (n,).
+Policy = Callable[[Library, QuerySet], tuple[np.ndarray, np.ndarray]]
+
+
+def pilot_policy(rule: str, alpha: float, base_mix: float = 0.0) -> Policy:
+    """Today's router (one expert by its pilots), the chosen expert's vector mixed with the base
+    model's at weight ``base_mix``, fused with BM25 at ``alpha``."""
+
+    def policy(lib: Library, qs: QuerySet) -> tuple[np.ndarray, np.ndarray]:
+        pick = expert_scores(qs.base, lib.pilots, rule).argmax(1)  # index into lib.pilots.experts
+        cols = np.array([lib.members.index(lib.pilots.experts[j]) for j in pick])
+        w = one_hot(cols, len(lib.members)) * (1 - base_mix)
+        w[:, lib.members.index(BASE)] += base_mix
+        return w, np.full(len(qs.qids), alpha)
+
+    return policy
+
+
+def knn_policy(k: int, tau: float, temperature: float, alpha: float, top: int) -> Policy:
+    """Expected member scores from the ``k`` nearest instances; weights softmax(expected /
+    ``temperature``) over the ``top`` best members (``top = 1``: hard expected-gain routing)."""
+
+    def policy(lib: Library, qs: QuerySet) -> tuple[np.ndarray, np.ndarray]:
+        pred = expected_scores(qs.base, lib.emb, lib.member_scores(), k, tau)  # (n, m)
+        return softmax_top(pred, temperature, top), np.full(len(qs.qids), alpha)
+
+    return policy
+
+
+def softmax_top(pred: np.ndarray, temperature: float, top: int) -> np.ndarray:
+    """softmax(pred / temperature) kept on each row's ``top`` largest entries, renormalised."""
+    z = pred / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    w = np.exp(z)
+    if top < pred.shape[1]:
+        cut = np.argsort(-pred, axis=1)[:, top:]
+        np.put_along_axis(w, cut, 0.0, axis=1)
+    return w / w.sum(axis=1, keepdims=True)
+
+
+def rrf_run(qs: QuerySet, members: Sequence[str], lexical: bool) -> np.ndarray:
+    """Reciprocal-rank fusion of every member's ranking (and BM25's), per-query nDCG@10."""
+    runs = [
+        reciprocal_rank(
+            [qs.dense_member(m)[i] for m in members] + ([qs.lexical[i]] if lexical else []), DEPTH
+        )
+        for i in range(len(qs.qids))
+    ]
+    return qs.ndcg(runs)
+
+
+@dataclass
+class Candidate:
+    """One candidate system: its family, settings, and scores."""
+
+    name: str
+    family: str
+    policy: Policy | None
+    alpha: float
+    dev: dict[str, float] = field(default_factory=dict)  # domain -> mean dev nDCG@10
+    test: dict[str, float] = field(default_factory=dict)  # domain -> mean test nDCG@10
+    cost: float = 1.0  # dense passes per query beyond the routing pass (mean, on dev)
+
+    def dev_mean(self, domains: Sequence[str] | None = None) -> float:
+        keys = domains if domains is not None else list(self.dev)
+        return float(np.mean([self.dev[d] for d in keys]))
+
+
+def run_policy(policy: Policy, lib: Library, qs: QuerySet) -> tuple[np.ndarray, float]:
+    """Per-query nDCG@10 of ``policy`` on ``qs`` and its cost (expert passes per query)."""
+    w, alpha = policy(lib, qs)
+    used = (w > 0) & (np.array(lib.members) != BASE)[None, :]
+    return qs.score(lib.members, w, alpha), float(used.sum(axis=1).mean())
+
+
+def base_policy(alpha: float) -> Policy:
+    """The base model alone, fused with BM25 at ``alpha``."""
+
+    def policy(lib: Library, qs: QuerySet) -> tuple[np.ndarray, np.ndarray]:
+        w = one_hot(np.full(len(qs.qids), lib.members.index(BASE)), len(lib.members))
+        return w, np.full(len(qs.qids), alpha)
+
+    return policy
+
+
+def candidate_grid(rule: str) -> list[Candidate]:
+    """Every candidate system, with each lexical weight in :data:`ALPHAS`."""
+    out: list[Candidate] = []
+    for a in ALPHAS:
+        lex = "" if a == 1.0 else f" + BM25 (α {a})"
+        out.append(Candidate(f"Base model{lex}", "base", base_policy(a), a))
+        out.append(Candidate(f"RouterRetriever ({rule}){lex}", "pilot", pilot_policy(rule, a), a))
+        for beta in (0.3, 0.5):
+            out.append(
+                Candidate(
+                    f"RouterRetriever ({rule}), base mix {beta}{lex}",
+                    f"pilot-mix-{beta}",
+                    pilot_policy(rule, a, beta),
+                    a,
+                )
+            )
+        for k in (20, 80):
+            for temp in (0.02, 0.05):
+                for top in (1, 2, 7):
+                    label = "expected-gain routing" if top == 1 else f"top-{top} mixture"
+                    out.append(
+                        Candidate(
+                            f"k-NN {label} (K {k}, T {temp}){lex}",
+                            f"knn-{k}-{temp}-{top}",
+                            knn_policy(k, 0.05, temp, a, top),
+                            a,
+                        )
+                    )
+    return out
+
+
+def evaluate_candidates(
+    cands: Sequence[Candidate],
+    lib: Library,
+    dev: dict[str, QuerySet],
+    test: dict[str, QuerySet],
+) -> None:
+    """Fill each candidate's dev and test scores (and its cost, on dev)."""
+    for c in cands:
+        assert c.policy is not None
+        costs = []
+        for d, qs in dev.items():
+            s, cost = run_policy(c.policy, lib, qs)
+            c.dev[d] = float(s.mean())
+            costs.append(cost)
+        c.cost = float(np.mean(costs))
+        for d, qs in test.items():
+            c.test[d] = float(run_policy(c.policy, lib, qs)[0].mean())
+        logger.info("%s: dev %.4f test %.4f", c.name, c.dev_mean(), np.mean(list(c.test.values())))
+
+
+def choose(
+    cands: Sequence[Candidate], labelled: Sequence[str], max_cost: float = 1.0
+) -> tuple[Candidate, dict[str, Candidate]]:
+    """The default: per family, the lexical weight best on the labelled dev domains; then the
+    family best on every domain's dev instances among those costing at most ``max_cost``
+    expert passes per query. Returns the default and each family's choice."""
+    best: dict[str, Candidate] = {}
+    for c in cands:
+        if c.family not in best or c.dev_mean(labelled) > best[c.family].dev_mean(labelled):
+            best[c.family] = c
+    fast = [c for c in best.values() if c.cost <= max_cost + 1e-9]
+    return max(fast, key=lambda c: c.dev_mean()), best
+
+
+def query_sets(exp: Experiment, part: str, domains: Sequence[str], members: Sequence[str]) -> dict:
+    """:class:`QuerySet` of each domain's test queries or ``"train"``/``"dev"`` instances."""
+    out = {}
+    specs = {s.name: s for s in exp.cfg.domains}
+    for d in domains:
+        dom = exp.domains[d]
+        if part == "test":
+            queries, qrels = dom.test_queries, dom.test_qrels
+        else:
+            queries, qrels = exp.instance_queries[(part, d)]
+        qids = list(queries)
+        out[d] = QuerySet(
+            d,
+            qids,
+            qrels,
+            exp.member_embeddings(part, d, members),
+            dom.index,
+            exp.lexical[d].search([queries[q] for q in qids], DEPTH, qids),
+            labelled=part == "test" or specs[d].train != "corpus",
+        )
+    return out
+
+
+def run_pool(exp: Experiment, train_inst: list, rule: str) -> dict[str, Any]:
+    """Every candidate's dev and test rows, the chosen default, and its zero-shot and growth rows."""
+    cfg = exp.cfg
+    experts = exp.experts
+    members = [BASE, *experts]
+    seen = [d.name for d in cfg.expert_domains]
+    unseen = [d.name for d in cfg.domains if d.train == "none"]
+    labelled = [d.name for d in cfg.expert_domains if d.train != "corpus"]
+    train = query_sets(exp, "train", seen, members)
+    dev = query_sets(exp, "dev", seen, members)
+    test = query_sets(exp, "test", [*seen, *unseen], [*members])
+
+    def library(pool: Sequence[str], domains: Sequence[str]) -> Library:
+        insts = [i for i in train_inst if i.domain in domains]
+        return Library([train[d] for d in domains], [BASE, *pool], build_pilots(insts, list(pool)))
+
+    lib = library(experts, seen)
+    cands = candidate_grid(rule)
+    evaluate_candidates(cands, lib, dev, {d: test[d] for d in seen})
+    default, per_family = choose(cands, labelled)
+    rows = {
+        "BM25 alone": (
+            {d: float(dev[d].ndcg(dev[d].lexical).mean()) for d in seen},
+            {d: float(test[d].ndcg(test[d].lexical).mean()) for d in seen},
+        ),
+    }
+    for name, lexical in (("RRF over all members", False), ("RRF over all members + BM25", True)):
+        rows[name] = (
+            {d: float(rrf_run(dev[d], members, lexical).mean()) for d in seen},
+            {d: float(rrf_run(test[d], members, lexical).mean()) for d in seen},
+        )
+    # What choosing alpha on every domain's dev instances (pseudo-queries too) would pick.
+    alpha_all = {
+        fam: max((c for c in cands if c.family == fam), key=lambda c: c.dev_mean()).alpha
+        for fam in per_family
+    }
+    assert default.policy is not None
+    zero: dict[str, float] = {}
+    for d in [*seen, *unseen]:
+        pool = [e for e in experts if e != d]
+        zlib = library(pool, [x for x in seen if x != d])
+        zero[d] = float(run_policy(default.policy, zlib, test[d])[0].mean())
+    growth = []
+    for m in range(1, len(experts) + 1):
+        glib = library(experts[:m], seen[:m])
+        per = {d: float(run_policy(default.policy, glib, test[d])[0].mean()) for d in seen}
+        growth.append({"experts": experts[:m], "average": float(np.mean(list(per.values())))})
+    unseen_default = {d: zero[d] for d in unseen}
+    base_fused = per_family["base"]
+    assert base_fused.policy is not None
+    base_all = {
+        d: float(run_policy(base_fused.policy, lib, test[d])[0].mean()) for d in [*seen, *unseen]
+    }
+    return {
+        "candidates": [
+            {
+                "name": c.name,
+                "family": c.family,
+                "alpha": c.alpha,
+                "cost": c.cost,
+                "dev": c.dev,
+                "test": c.test,
+            }
+            for c in cands
+        ],
+        "baselines": {n: {"dev": dv, "test": ts} for n, (dv, ts) in rows.items()},
+        "family_choice": {f: c.name for f, c in per_family.items()},
+        "alpha_if_chosen_on_all_dev": alpha_all,
+        "labelled_dev_domains": labelled,
+        "default": {
+            "name": default.name,
+            "family": default.family,
+            "alpha": default.alpha,
+            "per_domain": default.test,
+            "average": float(np.mean(list(default.test.values()))),
+            "zero_shot": zero,
+            "zero_shot_average": float(np.mean(list(zero.values()))),
+            "unseen": unseen_default,
+        },
+        "growth": growth,
+        "base_fused": {"name": base_fused.name, "per_domain": base_all},
+    }

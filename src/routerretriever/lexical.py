@@ -1,0 +1,209 @@
+"""The lexical member of the pool: a BM25 index of the corpus, built once and cached on disk.
+
+Built with ``bm25s`` (Lucene's BM25 by default: ``idf = ln(1 + (N - df + 0.5) / (df + 0.5))``,
+``tf / (tf + k1 * (1 - b + b * len / avglen))``, without the constant ``k1 + 1`` factor, as
+Lucene 8+ writes it), English stemming and stopwords by
+default. The index is stored beside the embedding cache under ``bm25/``, keyed by the corpus
+fingerprint and the BM25 settings, written as one folder that is renamed into place only when
+complete (a killed build leaves nothing that reads as valid), and loaded memory-mapped.
+
+Departs from a search engine in one way: a query whose words are all unknown to the corpus gets
+no hits (rather than arbitrary zero-score documents), so fusion treats it as lexically silent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from routerretriever.data import Corpus
+from routerretriever.files import atomic_dir, default_cache_dir
+from routerretriever.index import Hits
+
+logger = logging.getLogger(__name__)
+
+Method = Literal["lucene", "robertson", "atire", "bm25l", "bm25+"]
+METHODS: tuple[str, ...] = ("lucene", "robertson", "atire", "bm25l", "bm25+")
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BM25Config:
+    """BM25 settings. ``stemmer`` names a PyStemmer language (``None``: no stemming);
+    ``stopwords`` a bm25s stopword list such as ``"en"`` (``None``: keep every word)."""
+
+    k1: float = 1.5
+    b: float = 0.75
+    method: Method = "lucene"
+    stemmer: str | None = "english"
+    stopwords: str | None = "en"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.k1, int | float) and 0 <= self.k1 <= 100):
+            raise ValueError(f"bm25 k1 must be a number in [0, 100], got {self.k1!r}")
+        if not (isinstance(self.b, int | float) and 0 <= self.b <= 1):
+            raise ValueError(f"bm25 b must be a number in [0, 1], got {self.b!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"bm25 method must be one of {list(METHODS)}, got {self.method!r}")
+
+    @property
+    def fingerprint(self) -> str:
+        text = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _stemmer(name: str | None) -> Any:
+    if name is None:
+        return None
+    import Stemmer
+
+    try:
+        return Stemmer.Stemmer(name).stemWords
+    except KeyError:
+        raise ValueError(f"unknown stemmer {name!r}; available: {Stemmer.algorithms()}") from None
+
+
+def tokenize(texts: Sequence[str], config: BM25Config) -> list[list[str]]:
+    """Lower-cased, stopword-free, stemmed word lists, as the index sees them."""
+    import bm25s
+
+    if not texts:
+        return []
+    # Lone surrogates cannot be stemmed or saved; they carry no word, so drop them.
+    clean = [t.encode("utf-8", "replace").decode("utf-8") for t in texts]
+    out = bm25s.tokenize(
+        clean,
+        lower=True,
+        stopwords=config.stopwords,
+        stemmer=_stemmer(config.stemmer),
+        return_ids=False,
+        show_progress=False,
+    )
+    return [list(words) for words in out]
+
+
+class BM25Index:
+    """BM25 over a fixed corpus: ``search`` gives the top-k ``(doc_id, score)`` per query.
+
+    Example::
+
+        index = BM25Index.build(corpus)          # or BM25Index.cached(corpus) to reuse disk
+        index.search(["statin therapy"], k=3)     # [[('d12', 7.1), ('d3', 5.4), ...]]
+    """
+
+    def __init__(self, ids: list[str], model: Any, config: BM25Config) -> None:
+        self.ids = ids
+        self.config = config
+        self._model = model
+        self._id_pos = {d: i for i, d in enumerate(ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def build(cls, corpus: Corpus, config: BM25Config | None = None) -> BM25Index:
+        """Index ``corpus`` (title and text, as the dense side sees them) in memory."""
+        import bm25s
+
+        config = config or BM25Config()
+        ids = list(corpus)
+        if not ids:
+            raise ValueError("cannot build a BM25 index of an empty corpus")
+        words = tokenize([d.full_text for d in corpus.values()], config)
+        model = bm25s.BM25(k1=config.k1, b=config.b, method=config.method)
+        model.index(words, show_progress=False)
+        return cls(ids, model, config)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the index into ``folder`` atomically (bm25s's files plus ``ids.json``)."""
+
+        def fill(tmp: Path) -> None:
+            self._model.save(str(tmp), show_progress=False)
+            (tmp / "ids.json").write_text(json.dumps(self.ids))
+            manifest = {"version": FORMAT_VERSION, "config": asdict(self.config)}
+            (tmp / "routerretriever-bm25.json").write_text(json.dumps(manifest) + "\n")
+
+        return atomic_dir(Path(folder), fill)
+
+    @classmethod
+    def load(cls, folder: str | Path, mmap: bool = True) -> BM25Index:
+        """Inverse of :meth:`save`; the score arrays are memory-mapped unless ``mmap=False``."""
+        import bm25s
+
+        folder = Path(folder)
+        manifest_file = folder / "routerretriever-bm25.json"
+        if not manifest_file.is_file():
+            raise ValueError(f"{folder}: not a saved BM25 index (no {manifest_file.name})")
+        manifest = json.loads(manifest_file.read_text())
+        if manifest.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{folder}: BM25 index format {manifest.get('version')!r} unknown")
+        config = BM25Config(**manifest["config"])
+        ids = json.loads((folder / "ids.json").read_text())
+        model = bm25s.BM25.load(str(folder), mmap=mmap, show_progress=False)
+        if model.scores["num_docs"] != len(ids):
+            raise ValueError(f"{folder}: {len(ids)} ids but {model.scores['num_docs']} documents")
+        return cls(ids, model, config)
+
+    @classmethod
+    def cached(
+        cls,
+        corpus: Corpus,
+        config: BM25Config | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> BM25Index:
+        """The index of ``corpus`` from ``CACHE/bm25/``, built and stored there if missing."""
+        from routerretriever.store import corpus_fingerprint
+
+        config = config or BM25Config()
+        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        folder = root / "bm25" / f"{corpus_fingerprint(corpus)}-{config.fingerprint}"
+        if folder.is_dir():
+            try:
+                index = cls.load(folder)
+                if index.ids == list(corpus):
+                    logger.info("re-using the BM25 index in %s", folder)
+                    return index
+                logger.warning("%s does not match the corpus; rebuilding", folder)
+            except (OSError, ValueError, KeyError) as e:
+                logger.warning("cannot read the BM25 index %s (%s); rebuilding", folder, e)
+        index = cls.build(corpus, config)
+        index.save(folder)
+        logger.info("cached the BM25 index in %s", folder)
+        return cls.load(folder)
+
+    def scores(self, query: str) -> np.ndarray:
+        """BM25 score of every document for one query, ``(N,)`` float32, in ``ids`` order."""
+        words = tokenize([query], self.config)[0]
+        tokens = self._model.get_tokens_ids(words)
+        if not tokens:
+            return np.zeros(len(self.ids), dtype=np.float32)
+        s = np.asarray(self._model.get_scores_from_ids(tokens), dtype=np.float32)
+        return np.nan_to_num(s, nan=0.0)  # a corpus without a single word has no mean length
+
+    def search(
+        self, queries: Sequence[str], k: int, exclude_ids: Sequence[str | None] | None = None
+    ) -> list[Hits]:
+        """Top-``k`` ``(doc_id, score)`` per query with a positive score, best first (ties by
+        corpus order); ``exclude_ids[i]`` is never a hit of query ``i`` (BEIR's convention)."""
+        if k < 1:
+            raise ValueError(f"k must be positive, got {k}")
+        if exclude_ids is not None and len(exclude_ids) != len(queries):
+            raise ValueError("exclude_ids must have one entry per query")
+        out: list[Hits] = []
+        for i, query in enumerate(queries):
+            s = self.scores(query)  # (N,)
+            skip = exclude_ids[i] if exclude_ids is not None else None
+            if skip is not None and skip in self._id_pos:
+                s[self._id_pos[skip]] = 0.0
+            kk = min(k, len(s))
+            top = np.argpartition(-s, kk - 1)[:kk]
+            top = top[np.lexsort((top, -s[top]))]  # by score, then corpus order
+            out.append([(self.ids[j], float(s[j])) for j in top if s[j] > 0])
+        return out

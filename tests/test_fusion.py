@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from routerretriever.fusion import fuse_scores, mix_queries, reciprocal_rank
+from routerretriever.index import FaissIndex
+from routerretriever.router import expected_scores, neighbour_weights
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def test_dense_mixture_equals_score_fusion_of_member_searches():
+    rng = np.random.default_rng(0)
+    docs = unit(rng.normal(size=(57, 16)))
+    ids = [f"d{i}" for i in range(57)]
+    index = FaissIndex.from_embeddings(ids, docs)
+    members = unit(rng.normal(size=(3, 5, 16)))  # (m, n, d)
+    weights = rng.dirichlet(np.ones(3), size=5)  # (n, m)
+    mixed = index.search(mix_queries(members, weights), 17)
+    full = [index.search(members[k], 57) for k in range(3)]  # each member's own full ranking
+    for i in range(5):
+        fused = {d: 0.0 for d in ids}
+        for k in range(3):
+            for d, s in full[k][i]:
+                fused[d] += weights[i, k] * s
+        expected = sorted(fused.items(), key=lambda x: -x[1])[:17]
+        assert [d for d, _ in mixed[i]] == [d for d, _ in expected]
+        np.testing.assert_allclose([s for _, s in mixed[i]], [s for _, s in expected], atol=1e-5)
+    assert not np.allclose(members[0], members[1])  # the members really differ
+
+
+def test_mix_queries_checks_shapes():
+    with pytest.raises(ValueError, match="weights must have shape"):
+        mix_queries(np.zeros((2, 3, 4)), np.zeros((2, 3)))
+
+
+def test_fuse_scores_by_hand():
+    dense = [("a", 0.9), ("b", 0.7), ("c", 0.5)]  # min-max: a 1, b 0.5, c 0
+    lexical = [("c", 12.0), ("d", 8.0), ("a", 4.0)]  # min-max: c 1, d 0.5, a 0
+    fused = dict(fuse_scores(dense, lexical, 0.6, 10))
+    assert fused == pytest.approx({"a": 0.6, "b": 0.3, "c": 0.4, "d": 0.2})
+    assert fuse_scores(dense, lexical, 1.0, 2) == dense[:2]
+    assert [d for d, _ in fuse_scores(dense, lexical, 0.0, 3)] == ["c", "d", "a"]
+    assert dict(fuse_scores(dense, [], 0.5, 3)) == pytest.approx({"a": 0.5, "b": 0.25, "c": 0.0})
+    with pytest.raises(ValueError, match="alpha must be in"):
+        fuse_scores(dense, lexical, 1.5, 3)
+
+
+def test_reciprocal_rank_by_hand_and_against_ranx():
+    runs = [[("a", 3.0), ("b", 2.0)], [("b", 9.0), ("c", 1.0)]]
+    got = dict(reciprocal_rank(runs, 10))
+    assert got == pytest.approx({"a": 1 / 61, "b": 1 / 62 + 1 / 61, "c": 1 / 62})
+    ranx = pytest.importorskip("ranx")
+    fused = ranx.fuse(
+        [ranx.Run({"q": dict(r)}) for r in runs], method="rrf", params={"k": 60}
+    ).to_dict()["q"]
+    assert fused == pytest.approx(got)
+
+
+hits = st.lists(
+    st.tuples(st.sampled_from("abcdefgh"), st.floats(-5, 5, allow_nan=False)),
+    max_size=8,
+    unique_by=lambda x: x[0],
+).map(lambda h: sorted(h, key=lambda x: -x[1]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(dense=hits, lexical=hits, alpha=st.floats(0, 1), k=st.integers(1, 10))
+def test_fusion_is_a_ranking_of_the_union(dense, lexical, alpha, k):
+    out = fuse_scores(dense, lexical, alpha, k)
+    pool = {d for d, _ in dense if alpha > 0} | {d for d, _ in lexical if alpha < 1}
+    assert len(out) == min(k, len(pool))  # alpha 0: lexical alone; alpha 1: dense alone
+    assert len({d for d, _ in out}) == len(out)
+    scores = [s for _, s in out]
+    assert scores == sorted(scores, reverse=True)
+    if 0 < alpha < 1:
+        assert all(-1e-9 <= s <= 1 + 1e-9 for s in scores)
+
+
+def test_an_instance_never_predicts_itself():
+    rng = np.random.default_rng(1)
+    emb = unit(rng.normal(size=(30, 8)))
+    scores = rng.random((30, 4))
+    own = np.arange(30)
+    pred = expected_scores(emb, emb, scores, k=5, tau=0.1, exclude=own)
+    idx, w = neighbour_weights(emb, emb, 5, 0.1, exclude=own)
+    assert not (idx == own[:, None]).any()
+    np.testing.assert_allclose(w.sum(axis=1), 1.0)
+    changed = scores.copy()
+    changed[7] += 100.0  # instance 7's own score moves: its own prediction must not
+    again = expected_scores(emb, emb, changed, k=5, tau=0.1, exclude=own)
+    np.testing.assert_allclose(again[7], pred[7])
+    assert not np.allclose(again, pred)  # ... while it does inform its neighbours
+    with pytest.raises(ValueError, match="k must be in"):
+        neighbour_weights(emb, emb, 30, 0.1, exclude=own)
