@@ -2,10 +2,13 @@
 
 Same queries, same batch size, same run, alternating, median of several rounds. Prints queries/s
 of both and the ratio routed / plain (the paper pays two forward passes per query: 0.5), for each
-pilot library and routing precision, with the share of queries routed as float32 routing does.
+pilot library and routing precision, with the share of queries routed as float32 routing does,
+and for each saved routed system (``--router``, e.g. the experiment's ``results/routers/*``):
+its mixture members are embedded too, and a system that fuses BM25 also pays its BM25 search
+(top 100 over the SciFact corpus, or ``--bm25-corpus``) inside the timed part.
 
     python benchmarks/route_speed.py --store runs/paper/experts --pilots runs/paper/results/pilots \
-        --data ../shared/data --queries 1000
+        --router runs/paper/results/routers/* --data ../shared/data --queries 1000
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ SOURCES = ["beir/scifact", "beir/nfcorpus", "classic/cranfield", "classic/cisi",
 
 
 def main() -> None:
-    from routerretriever import Encoder, load_queries
+    from routerretriever import Encoder, load_corpus, load_queries
     from routerretriever.experts import load_expert
+    from routerretriever.lexical import BM25Index
     from routerretriever.pilots import PilotLibrary
     from routerretriever.retriever import RouterRetriever
 
@@ -31,10 +35,19 @@ def main() -> None:
     parser.add_argument(
         "--pilots",
         type=Path,
-        required=True,
         action="append",
+        default=[],
         help="pilot library folder (repeat to compare several, e.g. with base)",
     )
+    parser.add_argument(
+        "--router",
+        type=Path,
+        nargs="+",
+        action="extend",
+        default=[],
+        help="saved routed system folder(s) (RouterRetriever.save), timed with their own settings",
+    )
+    parser.add_argument("--bm25-corpus", type=Path, default=None, help="default: DATA/beir/scifact")
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -69,6 +82,13 @@ def main() -> None:
         for p, lib in libs.items()
         for prec in args.precision or ["float32", "bfloat16"]
     }
+    saved = {}
+    for folder in args.router:
+        rr = RouterRetriever.load(folder, batch_size=args.batch_size, show_progress=False)
+        saved[f"{folder.name} (saved)"] = rr
+    lexical = None
+    if any(rr.alpha < 1 for rr in saved.values()):
+        lexical = BM25Index.build(load_corpus(args.bm25_corpus or args.data / "beir/scifact"))
     enc.encode(texts[:64], batch_size=args.batch_size, show_progress=False)  # warm-up
 
     times: dict[str, list[float]] = collections.defaultdict(list)
@@ -79,6 +99,13 @@ def main() -> None:
         for name, rr in routers.items():
             start = time.perf_counter()
             rr.encode_queries(texts)
+            times[name].append(time.perf_counter() - start)
+        for name, rr in saved.items():
+            start = time.perf_counter()
+            rr.encode_queries(texts)
+            if rr.alpha < 1:
+                assert lexical is not None
+                lexical.search(texts, 100)
             times[name].append(time.perf_counter() - start)
     plain = len(texts) / statistics.median(times["plain"])
     print(
@@ -99,6 +126,16 @@ def main() -> None:
         mix = ", ".join(f"{e} {100 * c / len(texts):.0f}%" for e, c in shares.most_common())
         print(
             f"| routed, pilots {name} | {qps:.1f} | {qps / plain:.2f} | {100 * same:.1f}% | {mix} |"
+        )
+    for name, rr in saved.items():
+        qps = len(texts) / statistics.median(times[name])
+        decisions = rr.route(texts)
+        members = sum(len(d.members) for d in decisions) / len(texts)
+        shares = collections.Counter(d.expert for d in decisions)
+        mix = ", ".join(f"{e} {100 * c / len(texts):.0f}%" for e, c in shares.most_common(4))
+        print(
+            f"| {name}, dense weight {rr.alpha} | {qps:.1f} | {qps / plain:.2f} | "
+            f"{members:.2f} members per query | {mix} |"
         )
 
 

@@ -123,14 +123,14 @@ def test_bm25_store_survives_kill_mid_write(tmp_path):
     proc.wait()
     root = tmp_path / "bm25"
     assert [p.name for p in root.iterdir() if not p.name.startswith(".")] == []
-    index = BM25Index.cached({"a": Document("heart disease"), "b": Document("wings")}, cache_dir=tmp_path)
+    index = BM25Index.cached(
+        {"a": Document("heart disease"), "b": Document("wings")}, cache_dir=tmp_path
+    )
     assert index.search(["heart"], 2) == [[("a", pytest.approx(index.scores("heart")[0]))]]
     assert len([p for p in root.iterdir() if not p.name.startswith(".")]) == 1
 
 
-texts = st.text(
-    alphabet=st.characters(blacklist_categories=()), max_size=60
-)
+texts = st.text(alphabet=st.characters(blacklist_categories=()), max_size=60)
 
 
 @settings(max_examples=60, deadline=None)

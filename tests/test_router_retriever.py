@@ -241,3 +241,85 @@ def test_pilots_in_a_cut_space_route_on_the_first_layers(setup, tmp_path):
     lib.layers = 9
     with pytest.raises(ValueError, match="routes on 9 layers; the base model has 6"):
         RouterRetriever(enc, lib)
+
+
+def neighbour_policy(enc, index, domains, members, top):
+    from routerretriever.policy import NeighbourPolicy
+
+    insts, _ = instances(enc, index, domains, ["titles", "crops"], members, [])
+    emb = np.concatenate([i.embeddings for i in insts])
+    scores = np.concatenate([np.stack([i.scores[m] for m in members], 1) for i in insts])
+    return NeighbourPolicy(list(members), emb, scores, k=5, temperature=0.05, top=top)
+
+
+def test_a_pool_of_only_the_base_model_returns_exactly_the_base_models_results(setup):
+    from routerretriever import DenseRetriever
+    from routerretriever.fusion import fuse_scores
+    from routerretriever.lexical import BM25Index
+
+    enc, ds, index, domains = setup
+    insts, _ = instances(enc, index, domains, ["titles"], [BASE], [])
+    base = DenseRetriever(enc)
+    base.index_corpus(ds.corpus)
+    want = base.search(ds.queries, k=10)
+    for policy in (
+        {"pilots": build_pilots(insts, [BASE])},
+        {"policy": neighbour_policy(enc, index, domains, [BASE], top=1)},
+    ):
+        for precision in ("float32", "bfloat16"):
+            rr = RouterRetriever(enc, **policy, routing_precision=precision)
+            rr.index_corpus(ds.corpus)
+            assert rr.search(ds.queries, k=10) == want
+    # With BM25 in the pool: the base model's ranking fused with BM25's, nothing else.
+    rr = RouterRetriever(enc, build_pilots(insts, [BASE]), alpha=0.5, use_cache=False)
+    rr.index_corpus(ds.corpus)
+    run, why = rr.search_with_routes(ds.queries, k=10)
+    deep = base.search(ds.queries, k=100)
+    lexical = BM25Index.build(ds.corpus)
+    for q, text in ds.queries.items():
+        (lex,) = lexical.search([text], 100, [q])
+        assert run[q] == dict(fuse_scores(list(deep[q].items()), lex, 0.5, 10))
+        assert why[q].members == {BASE: 1.0} and why[q].lexical_weight == 0.5
+
+
+def test_a_mixture_equals_score_fusion_of_its_members_own_searches(setup):
+    from routerretriever import DenseRetriever
+
+    enc, ds, index, domains = setup
+    policy = neighbour_policy(enc, index, domains, [BASE, "alpha", "beta"], top=3)
+    rr = RouterRetriever(enc, policy=policy, routing_precision="float32")
+    rr.index_corpus(ds.corpus)
+    run, why = rr.search_with_routes(ds.queries, k=10)
+    n = len(ds.corpus)
+    full = {}
+    for m in (BASE, "alpha", "beta"):
+        r = DenseRetriever(enc, expert=None if m == BASE else m)
+        r.index_corpus(ds.corpus)
+        full[m] = r.search(ds.queries, k=n)
+    mixed_somewhere = False
+    for q in ds.queries:
+        w = why[q].members
+        mixed_somewhere |= len(w) > 1
+        assert sum(w.values()) == pytest.approx(1.0)
+        fused = {d: sum(w[m] * full[m][q].get(d, 0.0) for m in w) for d in ds.corpus}
+        top = sorted(fused.items(), key=lambda x: -x[1])[:10]
+        assert list(run[q]) == [d for d, _ in top]
+        np.testing.assert_allclose(list(run[q].values()), [s for _, s in top], atol=1e-5)
+    assert mixed_somewhere  # the test compares real mixtures, not single members
+
+
+def test_save_load_round_trip_with_neighbours_and_bm25(setup, tmp_path):
+    enc, ds, index, domains = setup
+    policy = neighbour_policy(enc, index, domains, [BASE, "alpha", "beta"], top=2)
+    rr = RouterRetriever(enc, policy=policy, alpha=0.7, routing_precision="float32")
+    rr.save(tmp_path / "rr")
+    back = RouterRetriever.load(tmp_path / "rr", cache_dir=tmp_path / "c")
+    assert back.alpha == 0.7 and back.policy.top == 2 and back.encoder.experts == ["alpha", "beta"]
+    rr.index_corpus(ds.corpus)
+    back.index_corpus(ds.corpus)
+    a, why_a = rr.search_with_routes(ds.queries, k=10)
+    b, why_b = back.search_with_routes(ds.queries, k=10)
+    assert why_a == why_b
+    for q in a:
+        assert list(a[q]) == list(b[q])
+        np.testing.assert_allclose(list(a[q].values()), list(b[q].values()), atol=1e-6)

@@ -44,20 +44,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         parse_metric(m)  # fail before loading anything
     if args.json and args.json.is_dir():
         raise RouterRetrieverError(f"--json {args.json}: is a folder; give a file path")
+    if args.router and (args.expert or args.model or args.max_length):
+        raise RouterRetrieverError(
+            "--router brings its own base model and experts; drop --expert/--model/--max-length"
+        )
     datasets = [load_beir(folder, args.split) for folder in args.datasets]  # fail before the model
-    encoder = Encoder.load(args.model, max_length=args.max_length)
+    common = dict(batch_size=args.batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache)
     expert = None
-    if args.expert:
-        from routerretriever.experts import load_expert
+    retriever: DenseRetriever
+    if args.router:
+        from routerretriever.retriever import RouterRetriever
 
-        expert = load_expert(encoder, args.expert).name
-    retriever = DenseRetriever(
-        encoder,
-        expert=expert,
-        batch_size=args.batch_size,
-        cache_dir=args.cache_dir,
-        use_cache=not args.no_cache,
-    )
+        retriever = RouterRetriever.load(args.router, **common)
+        encoder = retriever.encoder
+    else:
+        encoder = Encoder.load(args.model, max_length=args.max_length)
+        if args.expert:
+            from routerretriever.experts import load_expert
+
+            expert = load_expert(encoder, args.expert).name
+        retriever = DenseRetriever(encoder, expert=expert, **common)
     rows, report = [], {}
     for folder, dataset in zip(args.datasets, datasets, strict=True):
         start = time.perf_counter()
@@ -77,6 +83,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             "model": str(encoder.model_path),
             "encoder": encoder.fingerprint,
             "expert": expert,
+            "router": None if args.router is None else str(args.router),
             "docs": len(dataset.corpus),
             "queries": result.num_queries,
             "scores": result.scores,
@@ -234,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="STORE/NAME",
         help="embed queries with this expert (documents stay on the base model)",
+    )
+    ev.add_argument(
+        "--router",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="a saved routed system (e.g. the experiment's results/router): its experts, routing "
+        "and BM25 settings; the BM25 index is built for each corpus",
     )
     ev.set_defaults(func=cmd_evaluate)
 

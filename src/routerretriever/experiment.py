@@ -31,7 +31,7 @@ from routerretriever.lexical import BM25Config, BM25Index
 from routerretriever.pilots import DomainInstances, PilotLibrary, build_pilots
 from routerretriever.pseudo import PseudoQueryConfig
 from routerretriever.report import write_report
-from routerretriever.retriever import per_query_ndcg
+from routerretriever.retriever import RouterRetriever, per_query_ndcg
 from routerretriever.router import RULES, expert_scores
 from routerretriever.store import embed_corpus
 from routerretriever.training import TrainConfig, load_training_set
@@ -594,7 +594,14 @@ def run_experiment(config: str | Path, rule: str | None = None) -> Path:
     train_all(cfg)
     exp = Experiment(cfg)
     res = run_systems(exp, rule)
-    res["pool"] = run_pool(exp, exp.instances("train"), res["rule"])
+    res["pool"], systems = run_pool(exp, exp.instances("train"), res["rule"])
+    # The default system travels: experts, routing policy and BM25 settings in one folder
+    # (each family's choice too, under routers/, for benchmarks/route_speed.py).
+    for family, (policy, alpha) in systems.items():
+        rr = RouterRetriever(exp.encoder, policy=policy, alpha=alpha, bm25=cfg.bm25)
+        rr.save(cfg.results / "routers" / family)
+        if family == res["pool"]["default"]["family"]:
+            rr.save(cfg.results / "router")
     res["seconds"] = round(time.perf_counter() - start, 1)
     # Save the pilot libraries (with and without the base model in the pool) for reuse.
     train_inst = exp.instances("train")

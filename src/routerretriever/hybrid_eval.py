@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,8 +26,9 @@ from routerretriever.encoder import BASE
 from routerretriever.evaluation import evaluate
 from routerretriever.fusion import Hits, fuse_scores, mix_queries, reciprocal_rank
 from routerretriever.index import FaissIndex
-from routerretriever.pilots import PilotLibrary, build_pilots
-from routerretriever.router import expected_scores, expert_scores
+from routerretriever.pilots import DomainInstances, build_pilots
+from routerretriever.policy import NeighbourPolicy, PilotPolicy, Policy
+from routerretriever.router import Rule
 
 if TYPE_CHECKING:
     from routerretriever.experiment import Experiment
@@ -85,69 +87,43 @@ class QuerySet:
         return self.ndcg(run)
 
 
-def one_hot(choice: np.ndarray, m: int) -> np.ndarray:
-    w = np.zeros((len(choice), m))
-    w[np.arange(len(choice)), choice] = 1.0
-    return w
-
-
 @dataclass
 class Library:
     """What a router may learn from: the training instances of the pool's domains."""
 
     sets: list[QuerySet]
-    members: list[str]
-    pilots: PilotLibrary
+    instances: list[DomainInstances]
+    experts: list[str]
 
     @property
+    def members(self) -> list[str]:
+        return [BASE, *self.experts]
+
+    @cached_property
     def emb(self) -> np.ndarray:
         return np.concatenate([s.base for s in self.sets])  # (N, d)
 
+    @cached_property
     def member_scores(self) -> np.ndarray:
         """``(N, m)``: each member's nDCG@10 on each instance (dense alone)."""
         return np.concatenate(
-            [np.stack([s.ndcg(s.dense_member(m)) for m in self.members], axis=1) for s in self.sets]
+            [np.stack([s.ndcg(s.dense_member(m)) for m in self.members], 1) for s in self.sets]
         )
 
 
-# A policy maps (library, query set) to member weights (n, m) over library.members and alpha (n,).
-Policy = Callable[[Library, QuerySet], tuple[np.ndarray, np.ndarray]]
+PolicyMaker = Callable[[Library], Policy]
 
 
-def pilot_policy(rule: str, alpha: float, base_mix: float = 0.0) -> Policy:
-    """Today's router (one expert by its pilots), the chosen expert's vector mixed with the base
-    model's at weight ``base_mix``, fused with BM25 at ``alpha``."""
-
-    def policy(lib: Library, qs: QuerySet) -> tuple[np.ndarray, np.ndarray]:
-        pick = expert_scores(qs.base, lib.pilots, rule).argmax(1)  # index into lib.pilots.experts
-        cols = np.array([lib.members.index(lib.pilots.experts[j]) for j in pick])
-        w = one_hot(cols, len(lib.members)) * (1 - base_mix)
-        w[:, lib.members.index(BASE)] += base_mix
-        return w, np.full(len(qs.qids), alpha)
-
-    return policy
+def pilot_maker(rule: Rule, base_mix: float = 0.0) -> PolicyMaker:
+    """Today's router (one expert by its pilots), mixed with the base vector at ``base_mix``."""
+    return lambda lib: PilotPolicy(build_pilots(lib.instances, lib.experts), rule, base_mix)
 
 
-def knn_policy(k: int, tau: float, temperature: float, alpha: float, top: int) -> Policy:
-    """Expected member scores from the ``k`` nearest instances; weights softmax(expected /
-    ``temperature``) over the ``top`` best members (``top = 1``: hard expected-gain routing)."""
-
-    def policy(lib: Library, qs: QuerySet) -> tuple[np.ndarray, np.ndarray]:
-        pred = expected_scores(qs.base, lib.emb, lib.member_scores(), k, tau)  # (n, m)
-        return softmax_top(pred, temperature, top), np.full(len(qs.qids), alpha)
-
-    return policy
-
-
-def softmax_top(pred: np.ndarray, temperature: float, top: int) -> np.ndarray:
-    """softmax(pred / temperature) kept on each row's ``top`` largest entries, renormalised."""
-    z = pred / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    w = np.exp(z)
-    if top < pred.shape[1]:
-        cut = np.argsort(-pred, axis=1)[:, top:]
-        np.put_along_axis(w, cut, 0.0, axis=1)
-    return w / w.sum(axis=1, keepdims=True)
+def neighbour_maker(k: int, temperature: float, top: int) -> PolicyMaker:
+    """:class:`NeighbourPolicy` over the base model and every expert."""
+    return lambda lib: NeighbourPolicy(
+        lib.members, lib.emb, lib.member_scores, k, 0.05, temperature, top
+    )
 
 
 def rrf_run(qs: QuerySet, members: Sequence[str], lexical: bool) -> np.ndarray:
@@ -167,7 +143,7 @@ class Candidate:
 
     name: str
     family: str
-    policy: Policy | None
+    make: PolicyMaker
     alpha: float
     dev: dict[str, float] = field(default_factory=dict)  # domain -> mean dev nDCG@10
     test: dict[str, float] = field(default_factory=dict)  # domain -> mean test nDCG@10
@@ -178,36 +154,28 @@ class Candidate:
         return float(np.mean([self.dev[d] for d in keys]))
 
 
-def run_policy(policy: Policy, lib: Library, qs: QuerySet) -> tuple[np.ndarray, float]:
-    """Per-query nDCG@10 of ``policy`` on ``qs`` and its cost (expert passes per query)."""
-    w, alpha = policy(lib, qs)
-    used = (w > 0) & (np.array(lib.members) != BASE)[None, :]
-    return qs.score(lib.members, w, alpha), float(used.sum(axis=1).mean())
+def run_policy(policy: Policy, alpha: float, qs: QuerySet) -> tuple[np.ndarray, float]:
+    """Per-query nDCG@10 of ``policy`` fused with BM25 at ``alpha`` on ``qs``, and its cost
+    (expert passes per query beyond the routing pass)."""
+    w = policy.weights(qs.base)[0]  # (n, m)
+    used = (w > 0) & (np.array(policy.members) != BASE)[None, :]
+    alphas = np.full(len(qs.qids), alpha)
+    return qs.score(policy.members, w, alphas), float(used.sum(axis=1).mean())
 
 
-def base_policy(alpha: float) -> Policy:
-    """The base model alone, fused with BM25 at ``alpha``."""
-
-    def policy(lib: Library, qs: QuerySet) -> tuple[np.ndarray, np.ndarray]:
-        w = one_hot(np.full(len(qs.qids), lib.members.index(BASE)), len(lib.members))
-        return w, np.full(len(qs.qids), alpha)
-
-    return policy
-
-
-def candidate_grid(rule: str) -> list[Candidate]:
+def candidate_grid(rule: Rule) -> list[Candidate]:
     """Every candidate system, with each lexical weight in :data:`ALPHAS`."""
     out: list[Candidate] = []
     for a in ALPHAS:
         lex = "" if a == 1.0 else f" + BM25 (α {a})"
-        out.append(Candidate(f"Base model{lex}", "base", base_policy(a), a))
-        out.append(Candidate(f"RouterRetriever ({rule}){lex}", "pilot", pilot_policy(rule, a), a))
+        out.append(Candidate(f"Base model{lex}", "base", pilot_maker(rule, 1.0), a))
+        out.append(Candidate(f"RouterRetriever ({rule}){lex}", "pilot", pilot_maker(rule), a))
         for beta in (0.3, 0.5):
             out.append(
                 Candidate(
                     f"RouterRetriever ({rule}), base mix {beta}{lex}",
                     f"pilot-mix-{beta}",
-                    pilot_policy(rule, a, beta),
+                    pilot_maker(rule, beta),
                     a,
                 )
             )
@@ -219,7 +187,7 @@ def candidate_grid(rule: str) -> list[Candidate]:
                         Candidate(
                             f"k-NN {label} (K {k}, T {temp}){lex}",
                             f"knn-{k}-{temp}-{top}",
-                            knn_policy(k, 0.05, temp, a, top),
+                            neighbour_maker(k, temp, top),
                             a,
                         )
                     )
@@ -234,15 +202,15 @@ def evaluate_candidates(
 ) -> None:
     """Fill each candidate's dev and test scores (and its cost, on dev)."""
     for c in cands:
-        assert c.policy is not None
         costs = []
+        policy = c.make(lib)
         for d, qs in dev.items():
-            s, cost = run_policy(c.policy, lib, qs)
+            s, cost = run_policy(policy, c.alpha, qs)
             c.dev[d] = float(s.mean())
             costs.append(cost)
         c.cost = float(np.mean(costs))
         for d, qs in test.items():
-            c.test[d] = float(run_policy(c.policy, lib, qs)[0].mean())
+            c.test[d] = float(run_policy(policy, c.alpha, qs)[0].mean())
         logger.info("%s: dev %.4f test %.4f", c.name, c.dev_mean(), np.mean(list(c.test.values())))
 
 
@@ -283,8 +251,12 @@ def query_sets(exp: Experiment, part: str, domains: Sequence[str], members: Sequ
     return out
 
 
-def run_pool(exp: Experiment, train_inst: list, rule: str) -> dict[str, Any]:
-    """Every candidate's dev and test rows, the chosen default, and its zero-shot and growth rows."""
+def run_pool(
+    exp: Experiment, train_inst: list, rule: Rule
+) -> tuple[dict[str, Any], dict[str, tuple[Policy, float]]]:
+    """Every candidate's dev and test rows, the chosen default, and its zero-shot and growth rows;
+    also each family's chosen policy (over every expert) and dense weight, to save; the
+    default's family is ``report["default"]["family"]``."""
     cfg = exp.cfg
     experts = exp.experts
     members = [BASE, *experts]
@@ -319,24 +291,24 @@ def run_pool(exp: Experiment, train_inst: list, rule: str) -> dict[str, Any]:
         fam: max((c for c in cands if c.family == fam), key=lambda c: c.dev_mean()).alpha
         for fam in per_family
     }
-    assert default.policy is not None
     zero: dict[str, float] = {}
     for d in [*seen, *unseen]:
         pool = [e for e in experts if e != d]
-        zlib = library(pool, [x for x in seen if x != d])
-        zero[d] = float(run_policy(default.policy, zlib, test[d])[0].mean())
+        zpolicy = default.make(library(pool, [x for x in seen if x != d]))
+        zero[d] = float(run_policy(zpolicy, default.alpha, test[d])[0].mean())
     growth = []
     for m in range(1, len(experts) + 1):
-        glib = library(experts[:m], seen[:m])
-        per = {d: float(run_policy(default.policy, glib, test[d])[0].mean()) for d in seen}
+        gpolicy = default.make(library(experts[:m], seen[:m]))
+        per = {d: float(run_policy(gpolicy, default.alpha, test[d])[0].mean()) for d in seen}
         growth.append({"experts": experts[:m], "average": float(np.mean(list(per.values())))})
     unseen_default = {d: zero[d] for d in unseen}
     base_fused = per_family["base"]
-    assert base_fused.policy is not None
+    base_policy = base_fused.make(lib)
     base_all = {
-        d: float(run_policy(base_fused.policy, lib, test[d])[0].mean()) for d in [*seen, *unseen]
+        d: float(run_policy(base_policy, base_fused.alpha, test[d])[0].mean())
+        for d in [*seen, *unseen]
     }
-    return {
+    report = {
         "candidates": [
             {
                 "name": c.name,
@@ -365,3 +337,4 @@ def run_pool(exp: Experiment, train_inst: list, rule: str) -> dict[str, Any]:
         "growth": growth,
         "base_fused": {"name": base_fused.name, "per_domain": base_all},
     }
+    return report, {f: (c.make(lib), c.alpha) for f, c in per_family.items()}

@@ -21,14 +21,18 @@ from routerretriever.encoder import BASE, Encoder, has_fast_bfloat16
 from routerretriever.errors import ModelError
 from routerretriever.evaluation import DEFAULT_METRICS, EvalResult, evaluate, parse_metric
 from routerretriever.files import atomic_dir
+from routerretriever.fusion import fuse_scores
 from routerretriever.index import FaissIndex, VectorIndex
+from routerretriever.lexical import BM25Config, BM25Index
 from routerretriever.pilots import PilotLibrary
-from routerretriever.router import RULES, RouteDecision, Rule, route
+from routerretriever.policy import PilotPolicy, Policy, load_policy
+from routerretriever.router import RouteDecision, Rule
 from routerretriever.store import embed_corpus
 
 logger = logging.getLogger(__name__)
 
 RoutingPrecision = Literal["auto", "float32", "bfloat16"]
+FUSION_DEPTH = 100  # each ranking's depth before dense and lexical are fused
 
 
 class DenseRetriever:
@@ -128,57 +132,73 @@ def evaluate_retriever(
 
 
 class RouterRetriever(DenseRetriever):
-    """Routes each query to one expert by its pilots, then embeds it with that expert.
+    """Routes each query over a pool of dense members (base model, experts) and, optionally, BM25.
 
-    Step 1 embeds the query with the base model and compares it with the pilot library
-    (:func:`routerretriever.router.route`); step 2 embeds it again with base + the chosen
-    expert's LoRA, in mixed batches. A query routed to the base model itself (``"__base__"`` in
-    the pool) keeps its routing embedding (with float32 routing): one forward pass, not two.
+    Step 1 embeds the query with the base model; a routing policy (:mod:`routerretriever.policy`)
+    turns that into weights over the pool's dense members: one expert by its pilots (the paper,
+    the default when only ``pilots`` is given), or a mixture. Step 2 embeds the query with each
+    member it uses, in one mixed batch, and searches the shared index once with the weighted sum
+    of those vectors (exact score fusion, since documents are embedded by the base model only).
+    With ``alpha < 1`` the dense ranking is fused with BM25's (min-max normalised, ``alpha`` on
+    the dense side; :func:`routerretriever.fusion.fuse_scores`).
 
-    Step 1 only has to pick an expert, so it can run cheaper than step 2:
+    Step 1 only has to route, so it can run cheaper than step 2:
     ``routing_precision="auto"`` (default) runs it in bfloat16 where the hardware does so
     natively (on the paper's six test sets it routed every query as float32 does; see
-    docs/results.md), ``"float32"`` always exact. A pilot library built in the space of the base
-    model's first layers (``PilotLibrary.layers``) is cheaper still, at some routing accuracy.
+    docs/results.md), ``"float32"`` always exact. A query routed wholly to the base model gets
+    an exact float32 base embedding (one pass with float32 routing); a mixture's base share uses
+    the routing embedding itself (free; bfloat16 where the routing pass is). A pilot library
+    built in the space of the base model's first layers (``PilotLibrary.layers``) is cheaper
+    still, at some routing accuracy.
 
     Example::
 
         enc = Encoder.load()
         load_expert(enc, "experts/scifact"); load_expert(enc, "experts/nfcorpus")
-        rr = RouterRetriever(enc, PilotLibrary.load("pilots/"))
+        rr = RouterRetriever(enc, PilotLibrary.load("pilots/"), alpha=0.5)  # + BM25
         rr.index_corpus(corpus)
         run, decisions = rr.search_with_routes({"q1": "statins and cancer"}, k=10)
-        decisions["q1"].expert, decisions["q1"].scores   # why it went where it went
+        decisions["q1"].members, decisions["q1"].lexical_weight   # why it ranked as it did
     """
 
     def __init__(
         self,
         encoder: Encoder,
-        pilots: PilotLibrary,
+        pilots: PilotLibrary | None = None,
         *,
         rule: Rule = "weighted",
+        policy: Policy | None = None,
+        alpha: float = 1.0,
+        bm25: BM25Config | None = None,
         routing_precision: RoutingPrecision = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(encoder, **kwargs)
-        missing = [e for e in pilots.experts if e != BASE and e not in encoder.experts]
+        if (pilots is None) == (policy is None):
+            raise ValueError("give either pilots (routing by the paper's pilots) or a policy")
+        if policy is None:
+            assert pilots is not None
+            policy = PilotPolicy(pilots, rule)
+        missing = [e for e in policy.members if e != BASE and e not in encoder.experts]
         if missing:
             raise ValueError(
-                f"pilot library names expert(s) {missing} not loaded; loaded: {encoder.experts}"
+                f"routing policy names expert(s) {missing} not loaded; loaded: {encoder.experts}"
             )
-        if rule not in RULES:
-            raise ValueError(f"unknown routing rule {rule!r}; use one of {list(RULES)}")
-        if pilots.layers is not None and not 1 <= pilots.layers <= encoder.num_layers:
+        layers = getattr(policy, "layers", None)
+        if layers is not None and not 1 <= layers <= encoder.num_layers:
             raise ValueError(
-                f"pilot library routes on {pilots.layers} layers; "
-                f"the base model has {encoder.num_layers}"
+                f"pilot library routes on {layers} layers; the base model has {encoder.num_layers}"
             )
         if routing_precision not in ("auto", "float32", "bfloat16"):
             raise ValueError(
                 f"routing_precision must be 'auto', 'float32' or 'bfloat16', got {routing_precision!r}"
             )
-        self.pilots = pilots
-        self.rule = rule
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha (the dense side's weight) must be in [0, 1], got {alpha}")
+        self.policy = policy
+        self.alpha = float(alpha)
+        self.bm25 = bm25 or BM25Config()
+        self.lexical: BM25Index | None = None
         self.routing_precision = routing_precision
         bf16 = routing_precision == "bfloat16" or (
             routing_precision == "auto" and has_fast_bfloat16(encoder.device)
@@ -186,8 +206,27 @@ class RouterRetriever(DenseRetriever):
         #: dtype of the routing pass (``None``: the base model's own, float32).
         self.routing_dtype = torch.bfloat16 if bf16 else None
 
+    @property
+    def pilots(self) -> PilotLibrary | None:
+        """The pilot library of a pilot policy (``None`` for other policies)."""
+        return getattr(self.policy, "pilots", None)
+
+    @property
+    def rule(self) -> str | None:
+        return getattr(self.policy, "rule", None)
+
+    def index_corpus(self, corpus: Corpus) -> None:
+        """Embed and index the corpus; with ``alpha < 1`` also its BM25 index (cached likewise)."""
+        super().index_corpus(corpus)
+        if self.alpha < 1.0:
+            self.lexical = (
+                BM25Index.cached(corpus, self.bm25, self.cache_dir)
+                if self.use_cache
+                else BM25Index.build(corpus, self.bm25)
+            )
+
     def route(self, queries: Sequence[str]) -> list[RouteDecision]:
-        """The routing decision of each query, with every expert's score."""
+        """The routing decision of each query, with every member's score and weight."""
         return self.route_and_encode(list(queries), None)[1]
 
     def route_and_encode(
@@ -195,31 +234,49 @@ class RouterRetriever(DenseRetriever):
     ) -> tuple[np.ndarray, list[RouteDecision]]:
         """Final query embeddings ``(n, dim)`` and the routing decision of each query."""
         bs = batch_size or self.batch_size
-        layers = self.pilots.layers
+        layers = getattr(self.policy, "layers", None)
         ids = self.encoder.tokenize(texts)  # once, for both passes
-        emb = self.encoder.encode_tokens(
+        routing = self.encoder.encode_tokens(
             ids, batch_size=bs, layers=layers, dtype=self.routing_dtype
         )  # (n, d)
-        decisions = route(emb, self.pilots, self.rule)
-        full = (layers is None or layers == self.encoder.num_layers) and self.routing_dtype is None
+        weights, scores = self.policy.weights(routing)  # (n, m), (n, m)
+        members = self.policy.members
+        same_space = layers is None or layers == self.encoder.num_layers
+        exact = same_space and self.routing_dtype is None
 
-        def plain(expert: str) -> bool:  # the base model's own embedding is the final one
-            return expert == BASE or self.encoder.is_identity(expert)
+        def plain(m: str) -> bool:  # the base model's own embedding
+            return m == BASE or self.encoder.is_identity(m)
 
-        # A full routing embedding is final for the base model (and identity experts).
-        todo = [i for i, d in enumerate(decisions) if not (full and plain(d.expert))]
-        if todo:
-            emb[todo] = self.encoder.encode_tokens(
-                [ids[i] for i in todo],
-                experts=[None if plain(decisions[i].expert) else decisions[i].expert for i in todo],
-                batch_size=bs,
+        out = np.zeros_like(routing)  # (n, d)
+        rows: list[tuple[int, float, str | None]] = []  # (query, weight, expert) needing a pass
+        for i, j in zip(*np.nonzero(weights), strict=True):
+            m, w = members[j], float(weights[i, j])
+            if plain(m) and same_space and (exact or w < 1.0):
+                out[i] += w * routing[i]  # the routing embedding serves as the base member
+            else:
+                rows.append((int(i), w, None if plain(m) else m))
+        if rows:
+            emb = self.encoder.encode_tokens(
+                [ids[i] for i, _, _ in rows], experts=[e for _, _, e in rows], batch_size=bs
             )
-        return emb, decisions
+            for (i, w, _), e in zip(rows, emb, strict=True):
+                out[i] += w * e
+        decisions = [
+            RouteDecision(
+                members[int(weights[i].argmax())],
+                {m: float(v) for m, v in zip(members, scores[i], strict=True) if np.isfinite(v)},
+                {m: float(w) for m, w in zip(members, weights[i], strict=True) if w > 0},
+                round(1.0 - self.alpha, 6),
+            )
+            for i in range(len(texts))
+        ]
+        return out, decisions
 
     def encode_queries(
         self, queries: Sequence[str], batch_size: int | None = None, **kwargs: Any
     ) -> np.ndarray:
-        """Routed query embeddings ``(n, dim)``; BEIR's ``DenseRetrievalExactSearch`` calls this."""
+        """Routed query embeddings ``(n, dim)`` (the dense side only); BEIR's
+        ``DenseRetrievalExactSearch`` calls this."""
         return self.route_and_encode(list(queries), batch_size)[0]
 
     def search_with_routes(
@@ -229,8 +286,15 @@ class RouterRetriever(DenseRetriever):
         if self.index is None:
             raise RuntimeError("no corpus indexed yet: call index_corpus(corpus) first")
         qids = list(queries)
-        emb, decisions = self.route_and_encode([queries[q] for q in qids], None)
-        hits = self.index.search(emb, k, exclude_ids=qids)
+        texts = [queries[q] for q in qids]
+        emb, decisions = self.route_and_encode(texts, None)
+        fused = self.alpha < 1.0
+        hits = self.index.search(emb, max(k, FUSION_DEPTH) if fused else k, exclude_ids=qids)
+        if fused:
+            if self.lexical is None:
+                raise RuntimeError("no BM25 index: call index_corpus(corpus) first")
+            lexical = self.lexical.search(texts, max(k, FUSION_DEPTH), exclude_ids=qids)
+            hits = [fuse_scores(d, x, self.alpha, k) for d, x in zip(hits, lexical, strict=True)]
         run = {qid: dict(h) for qid, h in zip(qids, hits, strict=True)}
         return run, dict(zip(qids, decisions, strict=True))
 
@@ -238,30 +302,32 @@ class RouterRetriever(DenseRetriever):
         return self.search_with_routes(queries, k)[0]
 
     def save(self, path: str | Path) -> Path:
-        """Write ``router.json``, ``pilots/`` and ``experts/<name>/`` into ``path`` (atomically).
-
-        The corpus index is not saved: it is rebuilt from the corpus and the embedding cache.
+        """Write ``router.json``, the policy's files and ``experts/<name>/`` into ``path``
+        (atomically). The corpus indexes are not saved: they are rebuilt (or read from the cache)
+        for whatever corpus the loaded retriever is given.
         """
         import shutil
 
         from routerretriever import __version__
 
-        names = [e for e in self.pilots.experts if e != BASE]
-        manifest = {
-            "version": 1,
-            "routerretriever": __version__,
-            "rule": self.rule,
-            "routing_precision": self.routing_precision,
-            "base_model": str(self.encoder.model_path),
-            "base_fingerprint": self.encoder.weights_fingerprint,
-            "encoder_settings": asdict(self.encoder.settings),
-            "experts": names,
-        }
+        names = [e for e in self.policy.members if e != BASE]
 
         def fill(tmp: Path) -> None:
-            self.pilots.save(tmp / "pilots")
+            policy = self.policy.save(tmp)
             for name in names:
                 shutil.copytree(self.encoder.expert_dirs[name], tmp / "experts" / name)
+            manifest = {
+                "version": 2,
+                "routerretriever": __version__,
+                "policy": policy,
+                "alpha": self.alpha,
+                "bm25": asdict(self.bm25),
+                "routing_precision": self.routing_precision,
+                "base_model": str(self.encoder.model_path),
+                "base_fingerprint": self.encoder.weights_fingerprint,
+                "encoder_settings": asdict(self.encoder.settings),
+                "experts": names,
+            }
             (tmp / "router.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
         return atomic_dir(Path(path), fill)
@@ -277,16 +343,28 @@ class RouterRetriever(DenseRetriever):
         manifest_file = path / "router.json"
         if not manifest_file.is_file():
             raise ModelError(f"{path}: no router.json; not a saved RouterRetriever")
-        manifest = json.loads(manifest_file.read_text())
-        settings = manifest["encoder_settings"]
-        saved = manifest["base_model"]
+        try:
+            manifest = json.loads(manifest_file.read_text())
+            settings = manifest["encoder_settings"]
+            saved = manifest["base_model"]
+            experts = list(manifest["experts"])
+            policy_spec = manifest.get("policy") or {  # version 1: pilots and a rule
+                "kind": "pilots",
+                "rule": manifest["rule"],
+                "base_mix": 0.0,
+            }
+            policy = load_policy(path, policy_spec)
+            bm25 = BM25Config(**manifest.get("bm25", {}))
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise ModelError(f"{manifest_file}: cannot read the saved router ({e})") from None
         if base_model is None and not Path(saved).is_dir():
             saved = None  # e.g. saved on another machine: fall back to the packaged default
         encoder = Encoder.load(base_model or saved, **settings)
-        for name in manifest["experts"]:
+        for name in experts:
             load_expert(encoder, path / "experts" / name, name)
         kwargs.setdefault("routing_precision", manifest.get("routing_precision", "auto"))
-        return cls(encoder, PilotLibrary.load(path / "pilots"), rule=manifest["rule"], **kwargs)
+        kwargs.setdefault("alpha", float(manifest.get("alpha", 1.0)))
+        return cls(encoder, policy=policy, bm25=bm25, **kwargs)
 
 
 def per_query_ndcg(

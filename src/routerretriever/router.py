@@ -10,7 +10,7 @@ single pilot. Pure numpy: testable without a model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -23,10 +23,14 @@ RULES: tuple[str, ...] = ("mean", "weighted", "nearest")
 
 @dataclass(frozen=True)
 class RouteDecision:
-    """The chosen expert and every expert's routing score, to explain the choice."""
+    """Why a query was searched as it was: the member with the most weight (``expert``), every
+    member's routing score, the weights of the dense members used (``members``; one member with
+    weight 1 for hard routing), and the weight of BM25 in the fused ranking (0: dense only)."""
 
     expert: str
     scores: dict[str, float]
+    members: dict[str, float] = field(default_factory=dict)
+    lexical_weight: float = 0.0
 
 
 def expert_scores(query_emb: np.ndarray, pilots: PilotLibrary, rule: Rule = "mean") -> np.ndarray:
@@ -59,7 +63,9 @@ def route(query_emb: np.ndarray, pilots: PilotLibrary, rule: Rule = "mean") -> l
     best = scores.argmax(axis=1)  # (n,)
     return [
         RouteDecision(
-            pilots.experts[b], {e: float(v) for e, v in zip(pilots.experts, row, strict=True)}
+            pilots.experts[b],
+            {e: float(v) for e, v in zip(pilots.experts, row, strict=True)},
+            {pilots.experts[b]: 1.0},
         )
         for b, row in zip(best, scores, strict=True)
     ]

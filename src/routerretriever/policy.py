@@ -1,0 +1,174 @@
+"""How a routed retriever weighs its pool's dense members for each query.
+
+A policy maps each query's routing embedding (the base model's) to weights over the pool's
+dense members (``"__base__"`` and experts): one member with weight 1 is the paper's hard routing;
+several are a mixture, searched in one index search (:mod:`routerretriever.fusion`).
+
+- :class:`PilotPolicy`: the paper's pilots (Algorithm 1) pick one expert; ``base_mix`` moves
+  that much weight onto the base model's vector, a hedge that costs no extra pass.
+- :class:`NeighbourPolicy`: each member's expected nDCG@10 is the similarity-weighted mean of
+  its scores on the ``k`` nearest training instances; weights are a softmax of those expectations
+  over the ``top`` best members (``top = 1``: route to the member expected to score best, which
+  may be the base model, so a harmful expert can be declined).
+
+Both are pure numpy and save to a folder (safetensors + JSON).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from routerretriever.files import atomic_write
+from routerretriever.pilots import PilotLibrary
+from routerretriever.router import RULES, Rule, expected_scores, expert_scores
+
+BASE = "__base__"  # the base model as a pool member (same name as encoder.BASE)
+
+
+class Policy(Protocol):
+    """Member weights for each query."""
+
+    members: list[str]
+
+    def weights(self, query_emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(W, scores)``: weights ``(n, m)`` over :attr:`members` (rows sum to 1) and the
+        routing scores ``(n, m)`` behind them (for explanations)."""
+        ...
+
+    def save(self, folder: Path) -> dict[str, Any]: ...
+
+
+def _softmax_top(pred: np.ndarray, temperature: float, top: int) -> np.ndarray:
+    """softmax(pred / temperature) kept on each row's ``top`` largest entries, renormalised."""
+    z = pred / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    w = np.exp(z)  # (n, m)
+    if top < pred.shape[1]:
+        cut = np.argsort(-pred, axis=1, kind="stable")[:, top:]
+        np.put_along_axis(w, cut, 0.0, axis=1)
+    return w / w.sum(axis=1, keepdims=True)
+
+
+@dataclass
+class PilotPolicy:
+    """One expert by the pilot library (``rule`` as in :func:`routerretriever.router.route`),
+    with ``base_mix`` of the weight moved onto the base model's vector."""
+
+    pilots: PilotLibrary
+    rule: Rule = "weighted"
+    base_mix: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"unknown routing rule {self.rule!r}; use one of {list(RULES)}")
+        if not 0.0 <= self.base_mix <= 1.0:
+            raise ValueError(f"base_mix must be in [0, 1], got {self.base_mix}")
+
+    @property
+    def members(self) -> list[str]:
+        pool = list(self.pilots.experts)
+        return pool if BASE in pool or self.base_mix == 0 else [*pool, BASE]
+
+    @property
+    def layers(self) -> int | None:
+        return self.pilots.layers
+
+    def weights(self, query_emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores = expert_scores(query_emb, self.pilots, self.rule)  # (n, T)
+        members = self.members
+        w = np.zeros((len(query_emb), len(members)))  # (n, m)
+        w[np.arange(len(query_emb)), scores.argmax(axis=1)] = 1.0 - self.base_mix
+        if self.base_mix:
+            w[:, members.index(BASE)] += self.base_mix
+        full = np.full((len(query_emb), len(members)), -np.inf)
+        full[:, : scores.shape[1]] = scores
+        return w, full
+
+    def save(self, folder: Path) -> dict[str, Any]:
+        self.pilots.save(folder / "pilots")
+        return {"kind": "pilots", "rule": self.rule, "base_mix": self.base_mix}
+
+
+@dataclass
+class NeighbourPolicy:
+    """Expected-gain weights from the ``k`` nearest training instances.
+
+    ``embeddings`` ``(N, d)``: the instances' base embeddings; ``scores`` ``(N, m)``: each
+    member's nDCG@10 on each instance.
+    """
+
+    members: list[str]
+    embeddings: np.ndarray
+    scores: np.ndarray
+    k: int = 80
+    tau: float = 0.05
+    temperature: float = 0.05
+    top: int = 1
+
+    def __post_init__(self) -> None:
+        if self.scores.shape != (len(self.embeddings), len(self.members)):
+            raise ValueError(
+                f"scores must have shape ({len(self.embeddings)}, {len(self.members)}), "
+                f"got {self.scores.shape}"
+            )
+        if not 1 <= self.top <= len(self.members):
+            raise ValueError(f"top must be in [1, {len(self.members)}], got {self.top}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        self.k = min(self.k, len(self.embeddings))
+        # As saved, so a loaded policy decides exactly as the one that was saved.
+        self.embeddings = np.asarray(self.embeddings, dtype=np.float32)
+        self.scores = np.asarray(self.scores, dtype=np.float32)
+
+    layers = None  # routes in the base model's sentence-embedding space
+
+    def weights(self, query_emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pred = expected_scores(query_emb, self.embeddings, self.scores, self.k, self.tau)  # (n, m)
+        return _softmax_top(pred, self.temperature, self.top), pred
+
+    def save(self, folder: Path) -> dict[str, Any]:
+        from safetensors.numpy import save_file
+
+        def write(tmp: Path) -> None:
+            save_file(
+                {
+                    "embeddings": np.ascontiguousarray(self.embeddings, dtype=np.float32),
+                    "scores": np.ascontiguousarray(self.scores, dtype=np.float32),
+                },
+                str(tmp),
+            )
+
+        atomic_write(folder / "neighbours.safetensors", write)
+        return {
+            "kind": "neighbours",
+            "members": self.members,
+            "k": self.k,
+            "tau": self.tau,
+            "temperature": self.temperature,
+            "top": self.top,
+        }
+
+
+def load_policy(folder: Path, spec: dict[str, Any]) -> PilotPolicy | NeighbourPolicy:
+    """Inverse of a policy's ``save``: ``spec`` is what it returned."""
+    kind = spec.get("kind")
+    if kind == "pilots":
+        return PilotPolicy(PilotLibrary.load(folder / "pilots"), spec["rule"], spec["base_mix"])
+    if kind == "neighbours":
+        from safetensors.numpy import load_file
+
+        arrays = load_file(str(folder / "neighbours.safetensors"))
+        return NeighbourPolicy(
+            list(spec["members"]),
+            arrays["embeddings"],
+            arrays["scores"],
+            int(spec["k"]),
+            float(spec["tau"]),
+            float(spec["temperature"]),
+            int(spec["top"]),
+        )
+    raise ValueError(f"{folder}: unknown routing policy {kind!r}; known: pilots, neighbours")
