@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -69,15 +68,16 @@ def test_search_ranks_excludes_own_id_and_drops_zero_scores():
 
 def test_bm25_scifact_reference_score():
     """On SciFact, BM25 with English stemming and stopwords scores as bm25s's Lucene variant."""
-    from tests.conftest import shared_dataset
-
     from routerretriever.evaluation import evaluate
+    from tests.conftest import shared_dataset
 
     ds = load_beir(shared_dataset("beir/scifact"))
     index = BM25Index.build(ds.corpus)
     qids = list(ds.queries)
     hits = index.search([ds.queries[q] for q in qids], 10, qids)
-    score = evaluate(ds.qrels, {q: dict(h) for q, h in zip(qids, hits)}, ["ndcg@10"]).scores
+    score = evaluate(
+        ds.qrels, {q: dict(h) for q, h in zip(qids, hits, strict=True)}, ["ndcg@10"]
+    ).scores
     assert score["ndcg@10"] == pytest.approx(0.686, abs=0.002)
 
 
