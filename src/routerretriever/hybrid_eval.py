@@ -119,10 +119,10 @@ def pilot_maker(rule: Rule, base_mix: float = 0.0) -> PolicyMaker:
     return lambda lib: PilotPolicy(build_pilots(lib.instances, lib.experts), rule, base_mix)
 
 
-def neighbour_maker(k: int, temperature: float, top: int) -> PolicyMaker:
-    """:class:`NeighbourPolicy` over the base model and every expert."""
+def neighbour_maker(k: int, temperature: float, top: int | None) -> PolicyMaker:
+    """:class:`NeighbourPolicy` over the base model and every expert (``top=None``: all)."""
     return lambda lib: NeighbourPolicy(
-        lib.members, lib.emb, lib.member_scores, k, 0.05, temperature, top
+        lib.members, lib.emb, lib.member_scores, k, 0.05, temperature, top or len(lib.members)
     )
 
 
@@ -181,12 +181,12 @@ def candidate_grid(rule: Rule) -> list[Candidate]:
             )
         for k in (20, 80):
             for temp in (0.02, 0.05):
-                for top in (1, 2, 7):
-                    label = "expected-gain routing" if top == 1 else f"top-{top} mixture"
+                for top in (1, 2, None):
+                    label = {1: "expected-gain routing", 2: "top-2 mixture"}.get(top, "mixture")
                     out.append(
                         Candidate(
                             f"k-NN {label} (K {k}, T {temp}){lex}",
-                            f"knn-{k}-{temp}-{top}",
+                            f"knn-{k}-{temp}-{top or 'all'}",
                             neighbour_maker(k, temp, top),
                             a,
                         )

@@ -1,0 +1,91 @@
+"""The experiment's candidate systems on synthetic data: no model needed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from routerretriever.encoder import BASE
+from routerretriever.hybrid_eval import (
+    Library,
+    QuerySet,
+    candidate_grid,
+    choose,
+    evaluate_candidates,
+    neighbour_maker,
+    pilot_maker,
+    run_policy,
+)
+from routerretriever.index import FaissIndex
+from routerretriever.pilots import DomainInstances
+
+
+def unit(x):
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def query_set(rng, domain, n, docs, index, labelled=True):
+    """Queries near one random document each; the 'good' expert's vectors are closer."""
+    target = rng.integers(len(docs), size=n)
+    noise = rng.normal(size=(n, docs.shape[1]))
+    emb = {
+        BASE: unit(docs[target] + 0.9 * noise),
+        "good": unit(docs[target] + 0.3 * noise),
+        "bad": unit(rng.normal(size=(n, docs.shape[1]))),
+    }
+    qids = [f"{domain}-q{i}" for i in range(n)]
+    qrels = {q: {f"d{t}": 1} for q, t in zip(qids, target, strict=True)}
+    lexical = [[(f"d{t}", 3.0), (f"d{(t + 1) % len(docs)}", 1.0)] for t in target]
+    return QuerySet(domain, qids, qrels, emb, index, lexical, labelled)
+
+
+@pytest.fixture
+def world():
+    rng = np.random.default_rng(0)
+    docs = unit(rng.normal(size=(200, 24)))
+    index = FaissIndex.from_embeddings([f"d{i}" for i in range(200)], docs)
+    sets = {p: {d: query_set(rng, d, 40, docs, index) for d in ("x", "y")} for p in ("tr", "dev")}
+    insts = [
+        DomainInstances(
+            d,
+            qs.qids,
+            qs.base,
+            {m: qs.ndcg(qs.dense_member(m)) for m in (BASE, "good", "bad")},
+        )
+        for d, qs in sets["tr"].items()
+    ]
+    lib = Library(list(sets["tr"].values()), insts, ["good", "bad"])
+    return lib, sets["dev"]
+
+
+def test_pure_member_at_full_dense_weight_scores_as_that_member_alone(world):
+    lib, dev = world
+    qs = dev["x"]
+    base_only = pilot_maker("weighted", 1.0)(lib)
+    scores, cost = run_policy(base_only, 1.0, qs)
+    np.testing.assert_array_equal(scores, qs.ndcg(qs.dense_member(BASE)))
+    assert cost == 0.0
+    # Lexical alone (alpha 0) is the BM25 ranking, whatever the dense side says.
+    np.testing.assert_array_equal(run_policy(base_only, 0.0, qs)[0], qs.ndcg(qs.lexical))
+
+
+def test_expected_gain_routing_declines_the_harmful_expert(world):
+    lib, dev = world
+    policy = neighbour_maker(20, 0.05, 1)(lib)
+    w = policy.weights(dev["x"].base)[0]
+    assert w[:, policy.members.index("bad")].sum() == 0  # never chosen: it scores worst
+    assert w[:, policy.members.index("good")].mean() > 0.9
+
+
+def test_the_default_is_chosen_on_dev_and_fast(world):
+    lib, dev = world
+    cands = candidate_grid("weighted")
+    cands = [c for c in cands if c.family in ("base", "pilot", "knn-20-0.02-1", "knn-20-0.02-all")]
+    evaluate_candidates(cands, lib, dev, dev)
+    default, best = choose(cands, ["x"])
+    assert default.cost <= 1.0
+    assert default.dev_mean() == max(c.dev_mean() for c in best.values() if c.cost <= 1.0)
+    for fam, c in best.items():  # each family's alpha is its best on the labelled domain
+        same = [o for o in cands if o.family == fam]
+        assert c.dev_mean(["x"]) == max(o.dev_mean(["x"]) for o in same)
+    assert best["knn-20-0.02-all"].cost > 1.0  # the full mixture needs both experts' passes
