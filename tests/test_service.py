@@ -244,6 +244,132 @@ def test_a_failing_batch_fails_each_waiting_request():
         batcher.close()
 
 
+def test_one_bad_query_fails_only_its_own_request(engine):
+    """A query the model cannot take (a lone surrogate) sharing a batch with other clients'."""
+    batcher = MicroBatcher(engine.search, window_s=0.3, max_queries=64)
+    try:
+        good = [batcher.submit([q], 3) for q in QUERIES[:3]]
+        bad = batcher.submit(["x \ud800"], 3)
+        good += [batcher.submit([q], 3) for q in QUERIES[3:]]
+        for f in good:
+            assert len(f.result(timeout=60)[0].hits) == 3
+        with pytest.raises(Exception):  # noqa: B017 - whatever the tokenizer raises
+            bad.result(timeout=60)
+    finally:
+        batcher.close()
+
+
+@pytest.mark.parametrize(
+    ("content", "status", "needle"),
+    [
+        ('{"queries": ["x \\ud800"], "k": 3}', 400, "lone surrogate"),
+        ('{"queries": ["ok"], "k": true}', 422, "valid integer"),
+        ('{"queries": ["ok"], "k": 1e400}', 422, "valid integer"),
+        ('{"queries": ["ok"], "k": NaN}', 422, ""),
+        ('{"queries": ["ok"], "k": 2.0}', 422, "valid integer"),
+        ('{"queries": [1, 2], "k": 3}', 422, "valid string"),
+    ],
+)
+def test_hostile_search_bodies_get_a_clear_4xx(client, content, status, needle):
+    r = client.post("/search", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert needle in r.text
+
+
+def test_huge_bodies_are_refused_before_parsing_and_errors_never_echo_input(client):
+    big = '{"queries": [' + ",".join(["1"] * 600_000) + '], "k": 3}'  # 1.2 MB
+    start = time.perf_counter()
+    r = client.post("/search", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and time.perf_counter() - start < 5
+    assert "request body too large" in r.json()["detail"]
+    many = '{"queries": [' + ",".join(["1"] * 50_000) + '], "k": 3}'  # under the cap
+    r = client.post("/search", content=many, headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    assert len(r.content) < 2_000  # a few errors, no echo of the 50,000 inputs
+    assert "input" not in r.text
+
+    def chunks():
+        for _ in range(40):
+            yield b" " * 65_536
+
+    r = client.post("/search", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413  # chunked: counted as it streams in
+
+
+def test_hostile_expert_paths_are_refused_without_server_paths(client, engine, tmp_path):
+    import os
+
+    for path in ("a\0b", "x" * 100_000):
+        r = client.post("/experts", json={"path": path})
+        assert r.status_code == 400 and "at most 1024 characters" in r.json()["detail"]
+    # A folder inside the store whose files link to files outside it.
+    outside = tmp_path / "outside"
+    shutil.copytree(engine.store / "beta", outside)
+    (engine.store / "linked").mkdir()
+    for f in outside.iterdir():
+        os.symlink(f, engine.store / "linked" / f.name)
+    r = client.post("/experts", json={"path": "linked"})
+    assert r.status_code == 400 and "holds a link that leaves the store" in r.json()["detail"]
+    # Truncated weights: 422, and no absolute server path in any answer.
+    shutil.copytree(engine.store / "beta", engine.store / "torn")
+    w = engine.store / "torn" / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    r = client.post("/experts", json={"path": "torn"})
+    assert r.status_code == 422 and "cannot be loaded" in r.json()["detail"]
+    (engine.store / "torn" / "adapter_model.safetensors").unlink()
+    r = client.post("/experts", json={"path": "torn"})
+    assert r.status_code == 422
+    assert str(engine.store) not in r.text and str(tmp_path) not in r.text
+    assert engine.experts == ["alpha"]
+    assert client.post("/search", json={"queries": ["ok"], "k": 2}).status_code == 200
+
+
+def test_api_key_guards_every_endpoint_but_health(engine):
+    import hmac
+
+    with TestClient(create_app(engine, api_key="s3cret")) as c:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            assert c.post("/search", json={"queries": ["ok"]}, headers=headers).status_code == 401
+            assert c.get("/experts", headers=headers).status_code == 401
+            assert c.delete("/experts/alpha", headers=headers).status_code == 401
+        assert c.get("/health").status_code == 200
+        ok = {"Authorization": "Bearer s3cret"}
+        assert c.post("/search", json={"queries": ["ok"]}, headers=ok).status_code == 200
+        assert c.get("/experts", headers=ok).json()["experts"][0]["name"] == "alpha"
+    with TestClient(create_app(engine, admin=False)) as c:
+        assert c.post("/search", json={"queries": ["ok"]}).status_code == 200
+        r = c.post("/experts", json={"path": "beta"})
+        assert r.status_code == 403 and "--api-key" in r.json()["detail"]
+        assert c.delete("/experts/alpha").status_code == 403
+    assert engine.experts == ["alpha"]
+    # The comparison is hmac.compare_digest, which takes the same time wherever the strings
+    # first differ; the app must use it (a plain == leaks the matching prefix's length).
+    import inspect
+
+    from routerretriever import service
+
+    assert "hmac.compare_digest" in inspect.getsource(service.create_app)
+    assert hmac.compare_digest(b"Bearer s3cret", b"Bearer s3cret")
+
+
+def test_a_damaged_score_cache_is_recomputed(svc_encoder, store_src, tmp_path):
+    store, cache = tmp_path / "store", tmp_path / "cache"
+    shutil.copytree(store_src, store)
+    corpus = load_beir(TINY).corpus
+    first = Engine.open(svc_encoder, store, corpus, DOMAINS, experts=["alpha"], cache_dir=cache)
+    want = first.search(QUERIES, 3)
+    for name in svc_encoder.experts:
+        svc_encoder.remove_adapter(name)
+    for f in (cache / "scores").glob("*.npz"):
+        f.write_bytes(f.read_bytes()[:50])
+    again = Engine.open(svc_encoder, store, corpus, DOMAINS, cache_dir=cache)
+    try:
+        assert [r.hits for r in again.search(QUERIES, 3)] == [r.hits for r in want]
+    finally:
+        for name in svc_encoder.experts:
+            svc_encoder.remove_adapter(name)
+
+
 def test_search_answers_equal_with_faiss_and_milvus_lite(engine, tmp_path):
     pytest.importorskip("milvus_lite")
     from routerretriever.index import MilvusIndex

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -13,6 +14,7 @@ from pathlib import Path
 from routerretriever.errors import RouterRetrieverError
 
 logger = logging.getLogger("routerretriever")
+API_KEY_ENV = "ROUTERRETRIEVER_API_KEY"
 
 
 def _write_json(path: Path, payload: object) -> None:
@@ -405,6 +407,26 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-queries", type=int, default=64, help="queries per request at most")
     sv.add_argument("--max-query-chars", type=int, default=2000)
     sv.add_argument("--max-k", type=int, default=100)
+    sv.add_argument(
+        "--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413"
+    )
+    sv.add_argument(
+        "--max-connections",
+        type=int,
+        default=512,
+        help="open connections and requests at most; more are answered 503",
+    )
+    sv.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require 'Authorization: Bearer KEY' on every endpoint but /health "
+        f"(default: ${API_KEY_ENV})",
+    )
+    sv.add_argument(
+        "--allow-unauthenticated-admin",
+        action="store_true",
+        help="keep POST/DELETE /experts on without an API key on a non-loopback host",
+    )
     sv.set_defaults(func=cmd_serve)
     return parser
 
@@ -418,6 +440,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from routerretriever.serving import DomainSource, Engine, Limits, corpus_index
 
     domains = [DomainSource.parse(d) for d in args.domain]  # fail before loading anything
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    loopback = args.host in ("127.0.0.1", "localhost", "::1") or args.host.startswith("127.")
+    admin = bool(api_key) or loopback or args.allow_unauthenticated_admin
+    if not api_key and not loopback:
+        print(
+            f"warning: serving on {args.host} without an API key: anyone who reaches this port "
+            f"can search{'' if not admin else ' and add or remove experts'}. Set --api-key or "
+            f"${API_KEY_ENV}"
+            + ("" if admin else "; adding and removing experts is off without one"),
+            file=sys.stderr,
+        )
     if not args.store.is_dir():
         raise RouterRetrieverError(f"--store {args.store}: expert store does not exist")
     corpus = load_corpus(args.corpus)
@@ -454,6 +487,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         limits=Limits(args.max_queries, args.max_query_chars, args.max_k),
         batch_window_ms=args.batch_window_ms,
         max_batch_queries=args.max_batch_queries,
+        api_key=api_key,
+        admin=admin,
+        max_body_bytes=args.max_body_bytes,
     )
     print(
         f"serving {len(engine.index)} documents with experts {engine.experts} at "
@@ -462,7 +498,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     try:
         # No lifespan: its only job, stopping the batcher thread (a daemon), ends with the process.
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", lifespan="off")
+        uvicorn.run(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level="warning",
+            lifespan="off",
+            limit_concurrency=args.max_connections,  # more: 503 at once, not a stall
+            timeout_keep_alive=5,
+        )
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly
         pass
     return 0

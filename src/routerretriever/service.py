@@ -8,20 +8,23 @@ worker thread while searches go on with the current library until the new one is
 from __future__ import annotations
 
 import asyncio
+import hmac
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictInt, StrictStr
+from starlette.requests import Request  # at module level: FastAPI resolves annotations here
 
 from routerretriever.serving import Engine, Limits, MicroBatcher, RequestError
 
 
 class SearchRequest(BaseModel):
-    queries: list[str] = Field(
+    queries: list[StrictStr] = Field(
         description="the query texts (the server sets a maximum count and length)"
     )
-    k: int = Field(10, description="hits per query (the server sets a maximum)")
+    k: StrictInt = Field(10, description="hits per query (the server sets a maximum)")
 
 
 class Hit(BaseModel):
@@ -33,6 +36,10 @@ class QueryResult(BaseModel):
     hits: list[Hit]
     expert: str = Field(description="the expert the query was routed to")
     routing_scores: dict[str, float] = Field(description="every expert's routing score")
+    members: dict[str, float] = Field(
+        default_factory=dict, description="weights of the dense members mixed for this query"
+    )
+    lexical_weight: float = Field(0.0, description="BM25's weight in the fused ranking")
 
 
 class SearchResponse(BaseModel):
@@ -40,8 +47,64 @@ class SearchResponse(BaseModel):
 
 
 class AddExpert(BaseModel):
-    path: str = Field(description="the expert's folder, relative to the store")
-    name: str | None = Field(None, description="serve it under this name (default: its own)")
+    path: StrictStr = Field(description="the expert's folder, relative to the store")
+    name: StrictStr | None = Field(None, description="serve it under this name (default: its own)")
+
+
+MAX_BODY_BYTES = 1 << 20  # default cap on a request body, checked before it is parsed
+MAX_ERRORS = 5  # validation errors listed in a 422 answer at most
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` is answered 413 before it is parsed.
+
+    The body is read here first (at most ``max_bytes`` of it, so memory stays bounded, and a
+    Content-Length over the cap is refused without reading anything), then handed on whole.
+    """
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await self._refuse(send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._refuse(send)
+            if not message.get("more_body", False):
+                break
+        body, sent = b"".join(chunks), False
+
+        async def replay() -> Any:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Any) -> None:
+        body = json.dumps(
+            {"detail": f"request body too large: over {self.max_bytes} bytes"}
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
 
 
 def create_app(
@@ -50,10 +113,19 @@ def create_app(
     limits: Limits | None = None,
     batch_window_ms: float = 0.0,
     max_batch_queries: int = 256,
+    api_key: str | None = None,
+    admin: bool = True,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> Any:
-    """The FastAPI application serving ``engine`` (``max_batch_queries=0``: no micro-batching)."""
-    from fastapi import FastAPI, HTTPException
+    """The FastAPI application serving ``engine`` (``max_batch_queries=0``: no micro-batching).
+
+    With ``api_key``, every endpoint but ``/health`` needs ``Authorization: Bearer <api_key>``
+    (compared in constant time). ``admin=False`` turns off adding and removing experts.
+    """
+    from fastapi import Depends, FastAPI, HTTPException
     from fastapi.concurrency import run_in_threadpool
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
 
     from routerretriever import __version__
 
@@ -75,11 +147,48 @@ def create_app(
     )
     app.state.engine = engine
     app.state.batcher = batcher
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """Where the body is wrong and why, never the input itself (it may be huge)."""
+        errors = exc.errors()
+        detail = [
+            {
+                "loc": list(e.get("loc", ()))[:6],
+                "msg": str(e.get("msg", ""))[:200],
+                "type": e.get("type"),
+            }
+            for e in errors[:MAX_ERRORS]
+        ]
+        if len(errors) > MAX_ERRORS:
+            detail.append({"msg": f"... and {len(errors) - MAX_ERRORS} more errors"})
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    expected = None if api_key is None else f"Bearer {api_key}".encode()
+
+    def authorised(request: Request) -> None:
+        if expected is None:
+            return
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, expected):
+            raise HTTPException(
+                401, "missing or wrong API key", headers={"WWW-Authenticate": "Bearer"}
+            )
+
+    def administrable(request: Request) -> None:
+        authorised(request)
+        if not admin:
+            raise HTTPException(
+                403,
+                "adding and removing experts is off: serve with --api-key, or "
+                "--allow-unauthenticated-admin on a trusted network",
+            )
 
     def refuse(e: RequestError) -> HTTPException:
         return HTTPException(status_code=e.status, detail=str(e))
 
-    @app.post("/search", response_model=SearchResponse)
+    @app.post("/search", response_model=SearchResponse, dependencies=[Depends(authorised)])
     async def search(req: SearchRequest) -> dict[str, Any]:
         """Top-k hits per query, with the chosen expert and every expert's routing score."""
         try:
@@ -93,17 +202,19 @@ def create_app(
                     "hits": [{"id": d, "score": s} for d, s in r.hits],
                     "expert": r.expert,
                     "routing_scores": r.scores,
+                    "members": r.members,
+                    "lexical_weight": r.lexical_weight,
                 }
                 for r in results
             ]
         }
 
-    @app.get("/experts")
+    @app.get("/experts", dependencies=[Depends(authorised)])
     def list_experts() -> dict[str, Any]:
         """The served experts and their share of the pilot library."""
         return {"experts": engine.describe(), "rule": engine.rule}
 
-    @app.post("/experts", status_code=201)
+    @app.post("/experts", status_code=201, dependencies=[Depends(administrable)])
     async def add_expert(req: AddExpert) -> dict[str, Any]:
         """Serve a trained expert from the store: live, no restart, no training."""
         try:
@@ -111,7 +222,7 @@ def create_app(
         except RequestError as e:
             raise refuse(e) from None
 
-    @app.delete("/experts/{name}")
+    @app.delete("/experts/{name}", dependencies=[Depends(administrable)])
     async def remove_expert(name: str) -> dict[str, Any]:
         """Stop serving an expert; the pilot library is regrouped without it."""
         try:

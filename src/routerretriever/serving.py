@@ -21,9 +21,10 @@ import queue
 import random
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from routerretriever.store import embed_corpus
 logger = logging.getLogger(__name__)
 
 SERVED = ".served.json"  # the served experts, in the store folder
+MAX_PATH_CHARS = 1024  # an expert path longer than this is refused before touching the disk
 #: Testing hook: seconds an add waits after scoring, before it commits (to kill it there).
 _ADD_DELAY_ENV = "ROUTERRETRIEVER_TEST_ADD_DELAY"
 
@@ -73,6 +75,12 @@ class Limits:
         for i, q in enumerate(queries):
             if not q.strip():
                 raise RequestError(f"queries[{i}] is empty")
+            try:
+                q.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RequestError(
+                    f"queries[{i}] is not valid text: it holds a lone surrogate"
+                ) from None
             if len(q) > self.max_query_chars:
                 raise RequestError(
                     f"queries[{i}] is too long: {len(q)} > {self.max_query_chars} characters", 413
@@ -107,6 +115,8 @@ class SearchResult:
     hits: Hits
     expert: str
     scores: dict[str, float] = field(default_factory=dict)
+    members: dict[str, float] = field(default_factory=dict)
+    lexical_weight: float = 0.0
 
 
 @dataclass
@@ -290,12 +300,20 @@ class Engine:
             else:
                 emb, decisions = router.route_and_encode(texts)
         hits = self.index.search(emb, k)
-        return [SearchResult(h, d.expert, d.scores) for h, d in zip(hits, decisions, strict=True)]
+        return [
+            SearchResult(h, d.expert, d.scores, d.members, d.lexical_weight)
+            for h, d in zip(hits, decisions, strict=True)
+        ]
 
     # -- live changes ----------------------------------------------------------------------------
 
     def resolve(self, path: str) -> Path:
-        """A folder given relative to the store, refused if it would leave the store."""
+        """A folder given relative to the store, refused if it, or any file in it, would leave the
+        store (a link to a file outside is refused as a link to a folder outside is)."""
+        if len(path) > MAX_PATH_CHARS or "\0" in path:
+            raise RequestError(
+                f"expert path must be at most {MAX_PATH_CHARS} characters, without NUL bytes", 400
+            )
         p = Path(path)
         if not path or p.is_absolute() or ".." in p.parts or path.startswith("~"):
             raise RequestError(
@@ -306,7 +324,14 @@ class Engine:
             raise RequestError(f"expert path {path!r} leaves the store", 400)
         if not folder.is_dir():
             raise RequestError(f"no expert folder {path!r} in the store", 404)
+        for entry in folder.rglob("*"):
+            if not entry.resolve().is_relative_to(self.store):
+                raise RequestError(f"expert path {path!r} holds a link that leaves the store", 400)
         return folder
+
+    def _public(self, message: str) -> str:
+        """``message`` with the store's absolute location left out (clients never see paths)."""
+        return message.replace(str(self.store) + os.sep, "").replace(str(self.store), "STORE")
 
     def add_expert(self, path: str, name: str | None = None) -> dict[str, Any]:
         """Serve the expert in ``STORE/path`` (no restart, no training); returns its description."""
@@ -315,7 +340,7 @@ class Engine:
             try:
                 info = check_folder(folder, self.encoder)
             except ModelError as e:
-                raise RequestError(str(e), 422) from None
+                raise RequestError(self._public(str(e)), 422) from None
             try:
                 name = check_name(name or info.name)
             except ValueError as e:
@@ -323,7 +348,13 @@ class Engine:
             if name in self.served:
                 raise RequestError(f"expert {name!r} is already served", 409)
             rel = str(folder.relative_to(self.store))
-            self._load(rel, name, info)
+            try:
+                self._load(rel, name, info)
+            except Exception as e:  # unreadable weights: a truncated or damaged file
+                logger.warning("cannot load expert %s: %s", rel, e)
+                raise RequestError(
+                    f"expert {rel!r}: its weights cannot be loaded ({type(e).__name__})", 422
+                ) from None
             try:
                 self._commit({**self.served, name: rel}, adding=True)
             except BaseException:
@@ -427,7 +458,7 @@ class Engine:
             try:
                 with np.load(path, allow_pickle=False) as f:
                     return f["ndcg"], f["emb"]
-            except (OSError, ValueError, KeyError):
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
                 logger.warning("%s: unreadable score cache; recomputing", path)
         ndcg, q_emb = per_query_ndcg(
             self.encoder, model, dom.index, dom.queries, dom.qrels, self.batch_size
@@ -517,12 +548,18 @@ class MicroBatcher:
         texts = [q for queries, _, _ in batch for q in queries]
         try:
             results = self._search(texts, max(k for _, k, _ in batch))
-        except BaseException as e:  # every waiting request learns of the failure
-            for _, _, fut in batch:
-                fut.set_exception(e)
+        except Exception as e:
+            if len(batch) == 1:
+                batch[0][2].set_exception(e)
+                return
+            # One request's failure must not fail the others: run each alone, so only the
+            # request at fault fails.
+            logger.warning("a batch of %d requests failed (%s); retrying each alone", len(batch), e)
+            for item in batch:
+                self._serve([item])
             return
         start = 0
         for queries, k, fut in batch:
             part = results[start : start + len(queries)]
             start += len(queries)
-            fut.set_result([SearchResult(r.hits[:k], r.expert, r.scores) for r in part])
+            fut.set_result([replace(r, hits=r.hits[:k]) for r in part])
