@@ -82,3 +82,38 @@ def test_serve_refuses_a_bad_setup_before_listening(tiny, tmp_path, capsys):
     args = ["serve", "--store", str(tmp_path / "store"), "--corpus", str(tiny), "--domain", "x"]
     assert main(args) == 2
     assert "domain 'x': expected NAME=DIR or NAME=DIR:SPLIT" in capsys.readouterr().err
+
+
+def test_evaluate_a_saved_router_on_any_beir_folder(trained, tiny, tmp_path, capsys):
+    """The experiment's saved default travels: `evaluate DIR --router FOLDER` scores it as the
+    Python API does, with the BM25 index built for that corpus."""
+    import numpy as np
+
+    from routerretriever import Encoder, evaluate_retriever, load_beir
+    from routerretriever.encoder import BASE
+    from routerretriever.experts import load_expert
+    from routerretriever.pilots import DomainInstances, build_pilots
+    from routerretriever.retriever import RouterRetriever
+
+    _, store, _ = trained
+    enc = Encoder.load()
+    for name in ("alpha", "beta"):
+        load_expert(enc, store / name)
+    texts = ["statins", "wings", "libraries"]
+    inst = DomainInstances(
+        "d", ["a", "b", "c"], enc.encode(texts), {e: np.array([1.0, 0.5, 0.2]) for e in ("alpha",)}
+    )
+    inst.scores["beta"] = np.array([0.1, 0.9, 0.3])
+    rr = RouterRetriever(enc, build_pilots([inst], ["alpha", "beta"]), alpha=0.6)
+    rr.save(tmp_path / "router")
+    out = tmp_path / "scores.json"
+    args = ["evaluate", str(tiny), "--router", str(tmp_path / "router"), "--json", str(out)]
+    assert main([*args, "--cache-dir", str(tmp_path / "c")]) == 0
+    report = json.loads(out.read_text())["tiny"]
+    want = evaluate_retriever(RouterRetriever.load(tmp_path / "router"), load_beir(tiny))
+    assert report["scores"]["ndcg@10"] == want.scores["ndcg@10"]
+    assert report["router"] == str(tmp_path / "router")
+    assert list((tmp_path / "c" / "bm25").iterdir())  # BM25 index built and cached
+    assert main([*args, "--expert", str(store / "alpha")]) == 2
+    assert "--router brings its own" in capsys.readouterr().err
+    assert BASE not in json.loads((tmp_path / "router" / "router.json").read_text())["experts"]
