@@ -14,6 +14,8 @@ import gzip
 import io
 import json
 import logging
+import re
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,11 @@ from typing import Any
 from routerretriever.errors import DataError
 
 logger = logging.getLogger(__name__)
+
+MAX_ID_CHARS = 1024  # longer ids are refused: no collection needs them, and they cost memory
+MAX_GRADE = 1000  # relevance grades beyond this are refused (pytrec_eval allocates by grade)
+_INTEGER = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: no '٣', no '1_0'
+_NUMBER = re.compile(r"[+-]?[0-9]*\.?[0-9]+([eE][+-]?[0-9]+)?")
 
 Queries = dict[str, str]
 Qrels = dict[str, dict[str, int]]
@@ -82,13 +89,20 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                     raise DataError(
                         f"not valid JSON ({e.msg} at column {e.colno})", path, lineno
                     ) from None
+                except RecursionError:
+                    raise DataError("not valid JSON: nested too deeply", path, lineno) from None
+                except ValueError as e:  # e.g. an integer of more digits than Python reads
+                    raise DataError(f"not valid JSON ({str(e)[:80]})", path, lineno) from None
                 if not isinstance(obj, dict):
                     raise DataError(
                         f"expected a JSON object, got {type(obj).__name__}", path, lineno
                     )
                 yield lineno, obj
-        except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
-            raise DataError(f"cannot be read as UTF-8 JSON lines: {e}", path) from None
+        except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, zlib.error, OSError) as e:
+            where = f" (after line {lineno})" if "lineno" in locals() else ""
+            raise DataError(
+                f"cannot be read as UTF-8 JSON lines{where}: {str(e)[:120]}", path
+            ) from None
 
 
 def _get_id(obj: Mapping[str, Any], path: Path, lineno: int, seen: dict[str, int]) -> str:
@@ -98,6 +112,10 @@ def _get_id(obj: Mapping[str, Any], path: Path, lineno: int, seen: dict[str, int
     if not isinstance(raw, str | int) or isinstance(raw, bool):
         raise DataError(f'"_id" must be a string, got {type(raw).__name__}', path, lineno)
     doc_id = str(raw)
+    if not doc_id or len(doc_id) > MAX_ID_CHARS:
+        raise DataError(f'"_id" must be 1 to {MAX_ID_CHARS} characters long', path, lineno)
+    if not _is_text(doc_id):
+        raise DataError('"_id" holds a lone surrogate (not valid Unicode text)', path, lineno)
     if doc_id in seen:
         raise DataError(
             f"duplicate _id {doc_id!r} (first seen on line {seen[doc_id]})", path, lineno
@@ -114,7 +132,17 @@ def _get_str(obj: Mapping[str, Any], key: str, path: Path, lineno: int, required
         return ""
     if not isinstance(value, str):
         raise DataError(f'"{key}" must be a string, got {type(value).__name__}', path, lineno)
+    if not _is_text(value):
+        raise DataError(f'"{key}" holds a lone surrogate (not valid Unicode text)', path, lineno)
     return value
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def load_corpus(folder: str | Path) -> Corpus:
@@ -156,33 +184,55 @@ def load_qrels(folder: str | Path, split: str = "test") -> Qrels:
     """Load ``qrels/<split>.tsv``: ``{query_id: {doc_id: score}}``.
 
     The file is tab-separated ``query-id  corpus-id  score`` with a header row; a file whose
-    first row is already a judgment (integer score) is read without skipping it.
+    first row is already a judgment (a number in the score column) is read without skipping it.
+    Ids are taken as written (as in the corpus and queries); scores are ASCII integers from
+    ``-MAX_GRADE`` to ``MAX_GRADE``.
     """
     path = Path(folder) / "qrels" / f"{split}.tsv"
     if not path.is_file():
         splits = available_splits(folder)
         raise DataError(f"unknown split {split!r}; available splits: {splits or 'none'}", folder)
     qrels: Qrels = {}
-    with open(path, encoding="utf-8", newline="") as f:
-        for lineno, row in enumerate(csv.reader(f, delimiter="\t"), start=1):
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            if len(row) != 3:
-                raise DataError(
-                    f"expected 3 tab-separated fields (query-id, corpus-id, score), got {len(row)}",
-                    path,
-                    lineno,
-                )
-            query_id, doc_id, raw_score = (cell.strip() for cell in row)
-            try:
-                score = int(raw_score)
-            except ValueError:
-                if lineno == 1:  # the header row
+    lineno = 0
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            for lineno, row in enumerate(csv.reader(f, delimiter="\t"), start=1):
+                if not row or all(not cell.strip() for cell in row):
                     continue
-                raise DataError(
-                    f"score must be an integer, got {raw_score!r}", path, lineno
-                ) from None
-            qrels.setdefault(query_id, {})[doc_id] = score
+                if len(row) != 3:
+                    raise DataError(
+                        f"expected 3 tab-separated fields (query-id, corpus-id, score), "
+                        f"got {len(row)}",
+                        path,
+                        lineno,
+                    )
+                query_id, doc_id, raw_score = row[0], row[1], row[2].strip(" ")
+                if lineno == 1 and not _NUMBER.fullmatch(raw_score):
+                    continue  # the header row
+                if not _INTEGER.fullmatch(raw_score):
+                    raise DataError(
+                        f"score must be an integer, got {raw_score[:40]!r}", path, lineno
+                    )
+                score = int(raw_score)
+                if abs(score) > MAX_GRADE:
+                    raise DataError(
+                        f"score {raw_score[:40]} is out of range: relevance grades must lie "
+                        f"within -{MAX_GRADE}..{MAX_GRADE}",
+                        path,
+                        lineno,
+                    )
+                for name, value in (("query-id", query_id), ("corpus-id", doc_id)):
+                    if not value or len(value) > MAX_ID_CHARS:
+                        raise DataError(
+                            f"{name} must be 1 to {MAX_ID_CHARS} characters long", path, lineno
+                        )
+                qrels.setdefault(query_id, {})[doc_id] = score
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"not UTF-8 text (byte {e.object[e.start]:#04x} after line {lineno})", path
+        ) from None
+    except csv.Error as e:
+        raise DataError(f"not a tab-separated file ({str(e)[:80]})", path, lineno + 1) from None
     if not qrels:
         raise DataError("no judgments in this qrels file", path)
     return qrels
