@@ -540,3 +540,26 @@ def test_killed_while_adding_an_expert_restarts_consistent(store_src, tmp_path):
     finally:
         stop(proc)
     assert not [p for p in store.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.fixture
+def fuzz_schema(engine):
+    import schemathesis
+
+    return schemathesis.openapi.from_asgi(
+        "/openapi.json", create_app(engine, limits=Limits(4, 200, 20))
+    )
+
+
+schema = pytest.importorskip("schemathesis").pytest.from_fixture("fuzz_schema")
+
+
+@schema.parametrize()
+@pytest.mark.filterwarnings("ignore")
+def test_generated_requests_never_get_a_server_error(case):
+    """Schema-driven fuzzing of every endpoint: any request answers 2xx or 4xx, never 5xx."""
+    from schemathesis.checks import not_a_server_error
+
+    response = case.call()
+    assert response.status_code < 500, (case.method, case.path, response.text[:200])
+    case.validate_response(response, checks=[not_a_server_error])

@@ -162,7 +162,9 @@ def create_app(
             for e in errors[:MAX_ERRORS]
         ]
         if len(errors) > MAX_ERRORS:
-            detail.append({"msg": f"... and {len(errors) - MAX_ERRORS} more errors"})
+            detail.append(
+                {"loc": [], "msg": f"... and {len(errors) - MAX_ERRORS} more", "type": "more"}
+            )
         return JSONResponse({"detail": detail}, status_code=422)
 
     expected = None if api_key is None else f"Bearer {api_key}".encode()
