@@ -187,6 +187,24 @@ def test_live_add_equals_a_fresh_start(engine):
     np.testing.assert_allclose(fresh.pilots.embeddings, engine.pilots.embeddings, atol=1e-6)
 
 
+def test_experts_asked_for_at_start_replace_the_saved_set(engine, caplog):
+    from routerretriever import Encoder
+
+    assert json.loads((engine.store / SERVED).read_text())["experts"] == {"alpha": "alpha"}
+    again = Engine.open(
+        Encoder.load(),
+        engine.store,
+        load_beir(TINY).corpus,
+        DOMAINS,
+        index=engine.index,
+        experts=["beta"],
+        cache_dir=engine.cache_dir,
+    )
+    assert again.experts == ["beta"]
+    assert json.loads((engine.store / SERVED).read_text())["experts"] == {"beta": "beta"}
+    assert "instead of the last run's ['alpha']" in caplog.text
+
+
 def test_micro_batching_merges_concurrent_requests(engine):
     calls = []
 

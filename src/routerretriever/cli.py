@@ -26,7 +26,7 @@ def _write_json(path: Path, payload: object) -> None:
 def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A GitHub-markdown table; floats with 4 decimals."""
     cells = [[f"{c:.4f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
-    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    widths = [max([len(str(h)), *(len(r[i]) for r in cells)]) for i, h in enumerate(header)]
 
     def line(r: Sequence[object]) -> str:
         return "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) + " |"
@@ -178,6 +178,9 @@ def cmd_experts_list(args: argparse.Namespace) -> int:
         ]
         for e in list_experts(args.store)
     ]
+    if not rows:
+        print(f"no experts in {args.store} (an expert is a folder holding expert.json)")
+        return 0
     print(format_table(["expert", "dev nDCG@10", "base dev", "train s", "trained on"], rows))
     return 0
 
@@ -185,6 +188,8 @@ def cmd_experts_list(args: argparse.Namespace) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     from routerretriever.experiment import run_experiment
 
+    if not args.config.is_file():
+        raise RouterRetrieverError(f"{args.config}: no such config file")
     path = run_experiment(args.config, rule=args.rule)
     print(path.read_text())
     print(f"wrote {path} (and results.json, growth.png, routing.png beside it)")

@@ -73,7 +73,10 @@ class ExperimentConfig:
     @classmethod
     def load(cls, path: str | Path) -> ExperimentConfig:
         path = Path(path)
-        raw = tomllib.loads(path.read_text())
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: not valid TOML ({e})") from None
         here = path.parent
 
         def resolve(p: str | None) -> Path | None:

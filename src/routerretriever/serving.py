@@ -233,8 +233,9 @@ class Engine:
         experts: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> Engine:
-        """Index ``corpus`` (unless ``index`` is given) and serve the experts of the last run
-        (``STORE/.served.json``), else ``experts`` (folders relative to the store), else none."""
+        """Index ``corpus`` (unless ``index`` is given) and serve ``experts`` (folders relative to
+        the store) when given, which then replace the saved set; else the experts of the last run
+        (``STORE/.served.json``); else none."""
         if index is None:
             index = corpus_index(
                 encoder,
@@ -244,16 +245,25 @@ class Engine:
             )
         engine = cls(encoder, store, index, domains, **kwargs)
         state = engine.store / SERVED
+        saved: dict[str, str] | None = None
         if state.is_file():
             try:
-                served = json.loads(state.read_text())["experts"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ModelError(f"{state}: unreadable served-experts file ({e})") from None
-        else:
+                saved = dict(json.loads(state.read_text())["experts"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise ModelError(f"{state.name}: unreadable served-experts file ({e})") from None
+        if experts:  # asked for explicitly: that set wins, and becomes the saved set
             served = {}
-            for p in experts or []:
+            for p in experts:
                 folder = engine.resolve(p)
                 served[ExpertInfo.read(folder).name] = str(folder.relative_to(engine.store))
+            if saved is not None and saved != served:
+                logger.warning(
+                    "serving the experts asked for, %s, instead of the last run's %s",
+                    sorted(served),
+                    sorted(saved),
+                )
+        else:
+            served = saved or {}
         for source in engine.sources:  # bad domain data fails now, not at the first add
             engine._domain(source)
         with engine._admin_lock:
