@@ -71,3 +71,21 @@ def test_killed_write_leaves_no_file(tmp_path: Path):
     with pytest.raises(KeyboardInterrupt):
         atomic_write(target, write)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_replacing_a_folder_is_one_step_and_a_half_done_one_is_recovered(tmp_path):
+    from routerretriever.files import atomic_dir, recover_dir
+
+    target = tmp_path / "expert"
+    atomic_dir(target, lambda tmp: (tmp / "v").write_text("1"))
+    atomic_dir(target, lambda tmp: (tmp / "v").write_text("2"))
+    assert (target / "v").read_text() == "2"
+    assert [p.name for p in tmp_path.iterdir()] == ["expert"]  # nothing left aside
+    # A replacement by two renames killed between them (where folders cannot be swapped).
+    target.rename(tmp_path / ".expert.old-123")
+    recover_dir(target)
+    assert (target / "v").read_text() == "2"
+    target.rename(tmp_path / ".expert.old-456")
+    atomic_dir(target, lambda tmp: (tmp / "v").write_text("3"))  # a later write recovers first
+    assert (target / "v").read_text() == "3"
+    assert [p.name for p in tmp_path.iterdir()] == ["expert"]

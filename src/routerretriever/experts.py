@@ -17,7 +17,7 @@ from typing import Any
 
 from routerretriever.encoder import BASE, Encoder
 from routerretriever.errors import ModelError
-from routerretriever.files import atomic_dir
+from routerretriever.files import atomic_dir, recover_dir
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ def check_name(name: str) -> str:
 def check_folder(folder: str | Path, encoder: Encoder | None = None) -> ExpertInfo:
     """Validate an expert folder: metadata, safetensors weights, and the base model it needs."""
     folder = Path(folder)
+    recover_dir(folder)  # a replacement killed half-way leaves the old folder aside
     if not folder.is_dir():
         raise ModelError(f"expert folder {folder} does not exist")
     info = ExpertInfo.read(folder)
@@ -136,6 +137,8 @@ def list_experts(store: str | Path) -> list[ExpertInfo]:
     if not store.is_dir():
         raise ModelError(f"expert store {store} does not exist")
     out = []
+    for old in store.glob(".*.old-*"):
+        recover_dir(store / old.name[1:].rsplit(".old-", 1)[0])
     for sub in sorted(store.iterdir()):
         if sub.is_dir() and not sub.name.startswith(".") and (sub / METADATA).is_file():
             out.append(ExpertInfo.read(sub))
