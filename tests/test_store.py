@@ -7,6 +7,7 @@ import pytest
 
 from routerretriever import DenseRetriever, Document, embed_corpus, evaluate_retriever, load_beir
 from routerretriever.files import atomic_write
+from routerretriever.store import SPOT_CHECKS
 
 
 class CountingEncoder:
@@ -34,7 +35,8 @@ def test_second_evaluation_reuses_cached_corpus_embeddings(encoder, tiny, tmp_pa
     counting.texts = 0
     again = DenseRetriever(counting, cache_dir=tmp_path / "cache")
     second = evaluate_retriever(again, load_beir(tiny))
-    assert counting.texts == len(ds.queries)  # only the queries were encoded
+    # Only the queries were encoded, and the few rows spot-checked against their documents.
+    assert counting.texts == len(ds.queries) + SPOT_CHECKS
     assert again.corpus_from_cache is True
     assert second.scores == first.scores
     assert len(list((tmp_path / "cache" / "corpus").glob("*.npz"))) == 1
@@ -89,3 +91,15 @@ def test_replacing_a_folder_is_one_step_and_a_half_done_one_is_recovered(tmp_pat
     atomic_dir(target, lambda tmp: (tmp / "v").write_text("3"))  # a later write recovers first
     assert (target / "v").read_text() == "3"
     assert [p.name for p in tmp_path.iterdir()] == ["expert"]
+
+
+def test_a_cache_file_that_parses_but_lies_is_not_trusted(encoder, tiny, tmp_path):
+    corpus = load_beir(tiny).corpus
+    first = embed_corpus(encoder, corpus, cache_dir=tmp_path)
+    (path,) = (tmp_path / "corpus").glob("*.npz")
+    for tamper in (lambda e: e[::-1].copy(), lambda e: np.full_like(e, np.nan)):
+        np.savez(path, ids=np.array(first.ids, dtype=str), embeddings=tamper(first.embeddings))
+        again = embed_corpus(encoder, corpus, cache_dir=tmp_path)
+        assert again.cached is False  # re-encoded, not read
+        np.testing.assert_allclose(again.embeddings, first.embeddings, atol=1e-5)
+    assert embed_corpus(encoder, corpus, cache_dir=tmp_path).cached is True

@@ -38,6 +38,19 @@ def corpus_fingerprint(corpus: Corpus) -> str:
     return h.hexdigest()[:16]
 
 
+SPOT_CHECKS = 3  # cached rows re-encoded on every load to catch a stale or tampered file
+
+
+def _spot_check(encoder: Encoder, corpus: Corpus, ids: list[str], emb: np.ndarray) -> bool:
+    """Re-encode a few documents (fixed by the corpus, spread over it) and compare their rows:
+    a file that parses but holds other vectors (shuffled rows, another model's) is caught."""
+    rows = sorted({int(i) for i in np.linspace(0, len(ids) - 1, num=min(SPOT_CHECKS, len(ids)))})
+    fresh = encoder.encode(
+        [corpus[ids[i]].full_text for i in rows], batch_size=SPOT_CHECKS, show_progress=False
+    )
+    return bool(np.allclose(fresh, emb[rows], atol=1e-3))
+
+
 @dataclass
 class CorpusEmbeddings:
     """Corpus ids and their base-model embeddings ``(n, dim)``; ``cached`` tells if read from disk."""
@@ -72,10 +85,15 @@ def embed_corpus(
             try:
                 with np.load(path, allow_pickle=False) as f:
                     cached_ids, emb = f["ids"].tolist(), f["embeddings"]
-                if cached_ids == ids and emb.shape == (len(ids), encoder.dim):
+                if cached_ids != ids or emb.shape != (len(ids), encoder.dim):
+                    logger.warning("%s does not match the corpus; re-encoding", path)
+                elif not np.isfinite(emb).all():
+                    logger.warning("%s holds NaN or infinite values; re-encoding", path)
+                elif not _spot_check(encoder, corpus, ids, emb):
+                    logger.warning("%s: rows do not match their documents; re-encoding", path)
+                else:
                     logger.info("re-using corpus embeddings from %s", path)
                     return CorpusEmbeddings(ids, emb.astype(np.float32, copy=False), cached=True)
-                logger.warning("%s does not match the corpus; re-encoding", path)
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
                 logger.warning("cannot read cached embeddings %s (%s); re-encoding", path, e)
     if embedder is not None:
