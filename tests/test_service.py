@@ -581,3 +581,41 @@ def test_generated_requests_never_get_a_server_error(case):
     response = case.call()
     assert response.status_code < 500, (case.method, case.path, response.text[:200])
     case.validate_response(response, checks=[not_a_server_error])
+
+
+def test_prometheus_scrape_counts_requests_routes_batches_and_changes(client, engine):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for _ in range(2):
+        assert client.post("/search", json={"queries": QUERIES[:3], "k": 2}).status_code == 200
+    assert client.post("/search", json={"queries": [], "k": 2}).status_code == 400
+    assert client.post("/experts", json={"path": "beta"}).status_code == 201
+    assert client.post("/experts", json={"path": "beta"}).status_code == 409
+    assert client.delete("/experts/beta").status_code == 200
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(r.text)
+        for s in fam.samples
+    }
+
+    def value(name, **labels):
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    ok = {"endpoint": "/search", "method": "POST"}
+    assert value("routerretriever_requests_total", **ok, status="200") == 2
+    assert value("routerretriever_requests_total", **ok, status="400") == 1
+    assert value("routerretriever_request_seconds_count", **ok) == 3
+    assert value("routerretriever_queries_routed_total", expert="alpha") == 6
+    assert value("routerretriever_batch_queries_count") == 2
+    assert value("routerretriever_batch_queries_sum") == 6
+    assert value("routerretriever_queue_depth") == 0
+    assert value("routerretriever_expert_changes_total", action="add", outcome="ok") == 1
+    assert value("routerretriever_expert_changes_total", action="add", outcome="409") == 1
+    assert value("routerretriever_expert_changes_total", action="remove", outcome="ok") == 1
+    assert value("routerretriever_expert_change_seconds_count", action="add") == 2
+    endpoints = {
+        dict(k[1]).get("endpoint") for k in samples if k[0] == "routerretriever_requests_total"
+    }
+    assert endpoints <= {"/search", "/experts", "/experts/{name}", "/metrics", "other"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -125,14 +126,17 @@ def create_app(
     from fastapi import Depends, FastAPI, HTTPException
     from fastapi.concurrency import run_in_threadpool
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
 
     from routerretriever import __version__
+    from routerretriever.metrics import Metrics, endpoint_of
 
     limits = limits or Limits()
     batcher = MicroBatcher(
         engine.search, window_s=batch_window_ms / 1000, max_queries=max_batch_queries
     )
+    metrics = Metrics(batcher.pending)
+    batcher.on_batch = metrics.batch.observe
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -147,7 +151,21 @@ def create_app(
     )
     app.state.engine = engine
     app.state.batcher = batcher
+    app.state.metrics = metrics
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next: Any) -> Any:
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            metrics.observe_request(
+                endpoint_of(request.scope), request.method, status, time.perf_counter() - start
+            )
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -198,6 +216,8 @@ def create_app(
         except RequestError as e:
             raise refuse(e) from None
         results = await asyncio.wrap_future(batcher.submit(req.queries, req.k))
+        for r in results:
+            metrics.routed.labels(r.expert).inc()
         return {
             "results": [
                 {
@@ -220,7 +240,8 @@ def create_app(
     async def add_expert(req: AddExpert) -> dict[str, Any]:
         """Serve a trained expert from the store: live, no restart, no training."""
         try:
-            return await run_in_threadpool(engine.add_expert, req.path, req.name)
+            with metrics.expert_change("add"):
+                return await run_in_threadpool(engine.add_expert, req.path, req.name)
         except RequestError as e:
             raise refuse(e) from None
 
@@ -228,10 +249,18 @@ def create_app(
     async def remove_expert(name: str) -> dict[str, Any]:
         """Stop serving an expert; the pilot library is regrouped without it."""
         try:
-            await run_in_threadpool(engine.remove_expert, name)
+            with metrics.expert_change("remove"):
+                await run_in_threadpool(engine.remove_expert, name)
         except RequestError as e:
             raise refuse(e) from None
         return {"removed": name, "experts": engine.experts}
+
+    @app.get("/metrics", dependencies=[Depends(authorised)])
+    def scrape() -> Response:
+        """Prometheus text format: requests and latency per endpoint and status, queries routed
+        per expert, batch sizes, queue depth, expert adds and removes with their durations."""
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.get("/health")
     def health() -> dict[str, Any]:

@@ -521,6 +521,11 @@ class MicroBatcher:
         self._thread = threading.Thread(target=self._run, name="micro-batcher", daemon=True)
         self._thread.start()
         self.batches = 0  # batches run so far (for tests and metrics)
+        self.on_batch: Callable[[int], None] | None = None  # told each batch's query count
+
+    def pending(self) -> int:
+        """Requests waiting for the model."""
+        return self._queue.qsize()
 
     def submit(self, queries: Sequence[str], k: int) -> Future:
         """A future of the queries' :class:`SearchResult` list."""
@@ -556,6 +561,8 @@ class MicroBatcher:
     def _serve(self, batch: list[tuple[list[str], int, Future]]) -> None:
         self.batches += 1
         texts = [q for queries, _, _ in batch for q in queries]
+        if self.on_batch is not None:
+            self.on_batch(len(texts))
         try:
             results = self._search(texts, max(k for _, k, _ in batch))
         except Exception as e:
