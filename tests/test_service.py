@@ -619,3 +619,60 @@ def test_prometheus_scrape_counts_requests_routes_batches_and_changes(client, en
         dict(k[1]).get("endpoint") for k in samples if k[0] == "routerretriever_requests_total"
     }
     assert endpoints <= {"/search", "/experts", "/experts/{name}", "/metrics", "other"}
+
+
+@pytest.fixture
+def live_url(engine):
+    """The app over ``engine`` served by uvicorn on a free loopback port, in a thread."""
+    import socket
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_the_official_openai_client_gets_routed_base_and_expert_embeddings(engine, live_url):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=live_url + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["auto", "base", "alpha"]
+    texts = QUERIES[:3]
+    routed = client.embeddings.create(model="auto", input=texts)  # the client asks for base64
+    got = np.array([d.embedding for d in routed.data])
+    want, decisions = engine._router.route_and_encode(texts)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert routed.usage.prompt_tokens == sum(len(t) for t in engine.encoder.tokenize(texts))
+    extra = routed.model_extra["routing"]
+    assert [r["expert"] for r in extra] == [d.expert for d in decisions]
+    as_floats = client.embeddings.create(model="auto", input=texts, encoding_format="float")
+    np.testing.assert_allclose([d.embedding for d in as_floats.data], want, atol=1e-6)
+    base = client.embeddings.create(model="base", input=texts[0])
+    np.testing.assert_allclose(
+        base.data[0].embedding, engine.encoder.encode(texts[:1])[0], atol=1e-6
+    )
+    expert = client.embeddings.create(model="alpha", input=texts[:1])
+    np.testing.assert_allclose(
+        expert.data[0].embedding, engine.encoder.encode(texts[:1], experts="alpha")[0], atol=1e-6
+    )
+    assert not np.allclose(expert.data[0].embedding, base.data[0].embedding)
+    # Documents always get the base model, whatever model is named: the index holds those.
+    doc = client.embeddings.create(
+        model="alpha", input=texts[:1], extra_body={"input_type": "document"}
+    )
+    np.testing.assert_allclose(doc.data[0].embedding, base.data[0].embedding, atol=1e-6)
+    with pytest.raises(openai.NotFoundError, match="unknown model 'gamma'"):
+        client.embeddings.create(model="gamma", input="x")
+    with pytest.raises(openai.BadRequestError, match="dimensions must be 384"):
+        client.embeddings.create(model="auto", input="x", dimensions=12)

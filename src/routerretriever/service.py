@@ -8,12 +8,13 @@ worker thread while searches go on with the current library until the new one is
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, StrictInt, StrictStr
 from starlette.requests import Request  # at module level: FastAPI resolves annotations here
@@ -50,6 +51,22 @@ class SearchResponse(BaseModel):
 class AddExpert(BaseModel):
     path: StrictStr = Field(description="the expert's folder, relative to the store")
     name: StrictStr | None = Field(None, description="serve it under this name (default: its own)")
+
+
+class EmbeddingsRequest(BaseModel):
+    """OpenAI's ``POST /v1/embeddings`` body, plus ``input_type`` (text-embeddings-inference and
+    Infinity have the same idea): documents always get the base model."""
+
+    input: StrictStr | list[StrictStr] = Field(description="a text or a list of texts")
+    model: StrictStr = Field("auto", description="'auto' (routed), 'base', or an expert's name")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="'base64': little-endian float32 bytes, base64-encoded"
+    )
+    input_type: Literal["query", "document"] = Field(
+        "query", description="queries are routed; documents always get the base model"
+    )
+    dimensions: StrictInt | None = Field(None, description="must equal the model's, if given")
+    user: StrictStr | None = None
 
 
 MAX_BODY_BYTES = 1 << 20  # default cap on a request body, checked before it is parsed
@@ -254,6 +271,58 @@ def create_app(
         except RequestError as e:
             raise refuse(e) from None
         return {"removed": name, "experts": engine.experts}
+
+    @app.post("/v1/embeddings", dependencies=[Depends(authorised)], response_model=None)
+    async def embeddings(req: EmbeddingsRequest) -> dict[str, Any] | JSONResponse:
+        """OpenAI-compatible embeddings; ``routing`` (per input, for routed queries) says which
+        members were mixed and why."""
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        try:
+            limits.check(texts, 1)
+            if req.dimensions is not None and req.dimensions != engine.encoder.dim:
+                raise RequestError(
+                    f"dimensions must be {engine.encoder.dim} (the model's), got {req.dimensions}"
+                )
+            emb, decisions, tokens = await run_in_threadpool(
+                engine.embed, texts, req.model, req.input_type
+            )
+        except RequestError as e:  # in OpenAI's error shape, which its clients read
+            error = {"message": str(e), "type": "invalid_request_error", "code": e.status}
+            return JSONResponse({"error": error}, status_code=e.status)
+        data = [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": base64.b64encode(row.astype("<f4").tobytes()).decode()
+                if req.encoding_format == "base64"
+                else row.tolist(),
+            }
+            for i, row in enumerate(emb)
+        ]
+        return {
+            "object": "list",
+            "data": data,
+            "model": req.model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "routing": [
+                None
+                if d is None
+                else {"expert": d.expert, "members": d.members, "scores": d.scores}
+                for d in decisions
+            ],
+        }
+
+    @app.get("/v1/models", dependencies=[Depends(authorised)])
+    def models() -> dict[str, Any]:
+        """The models ``/v1/embeddings`` takes: ``auto`` (routed), ``base``, each served expert."""
+        names = ["auto", "base", *engine.experts]
+        return {
+            "object": "list",
+            "data": [
+                {"id": n, "object": "model", "created": 0, "owned_by": "routerretriever"}
+                for n in names
+            ],
+        }
 
     @app.get("/metrics", dependencies=[Depends(authorised)])
     def scrape() -> Response:

@@ -315,6 +315,42 @@ class Engine:
             for h, d in zip(hits, decisions, strict=True)
         ]
 
+    def embed(
+        self, texts: Sequence[str], model: str = "auto", input_type: str = "query"
+    ) -> tuple[np.ndarray, list[RouteDecision | None], int]:
+        """Embeddings ``(n, d)`` as the index sees them, the routing decision behind each (for
+        ``model="auto"`` queries), and the token count.
+
+        ``model``: ``"auto"`` (routed, as ``search`` embeds queries), ``"base"``, or a served
+        expert's name. Documents (``input_type="document"``) always get the base model: the
+        shared index holds base-model document embeddings.
+        """
+        if input_type not in ("query", "document"):
+            raise RequestError(f"input_type must be 'query' or 'document', got {input_type!r}", 422)
+        if model not in ("auto", "base", *self.served):
+            raise RequestError(
+                f"unknown model {model[:100]!r}; available: {['auto', 'base', *self.experts]}", 404
+            )
+        texts = list(texts)
+        tokens = sum(len(t) for t in self.encoder.tokenize(texts))
+        decisions: list[RouteDecision | None] = [None] * len(texts)
+        with self._model_lock:
+            if (
+                input_type == "document"
+                or model == "base"
+                or (model == "auto" and self._router is None)
+            ):
+                emb = self.encoder.encode(texts, batch_size=self.batch_size, show_progress=False)
+            elif model == "auto":
+                assert self._router is not None
+                emb, routed = self._router.route_and_encode(texts)
+                decisions = list(routed)
+            else:
+                emb = self.encoder.encode(
+                    texts, experts=model, batch_size=self.batch_size, show_progress=False
+                )
+        return emb, decisions, tokens
+
     # -- live changes ----------------------------------------------------------------------------
 
     def resolve(self, path: str) -> Path:
