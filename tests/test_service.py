@@ -676,3 +676,43 @@ def test_the_official_openai_client_gets_routed_base_and_expert_embeddings(engin
         client.embeddings.create(model="gamma", input="x")
     with pytest.raises(openai.BadRequestError, match="dimensions must be 384"):
         client.embeddings.create(model="auto", input="x", dimensions=12)
+
+
+def test_a_thousand_half_open_connections_do_not_stall_a_good_client(store_src, tmp_path):
+    """1,000 clients that send half a request head and stop: a well-behaved client is still
+    answered within 2 s, and the stalled connections are closed by the header timeout."""
+    import resource
+    import socket
+
+    import httpx
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    store = tmp_path / "store"
+    shutil.copytree(store_src, store)
+    proc, url = start_server(store, tmp_path / "cache", None, "--header-timeout", "3")
+    host, port = url.removeprefix("http://").split(":")
+    sockets = []
+    try:
+        for _ in range(1000):
+            s = socket.create_connection((host, int(port)), timeout=5)
+            s.sendall(b"POST /search HTTP/1.1\r\nHost: x\r\nContent-")  # and never more
+            sockets.append(s)
+        start = time.perf_counter()
+        r = httpx.post(url + "/search", json={"queries": ["wing flutter"], "k": 3}, timeout=2)
+        elapsed = time.perf_counter() - start
+        assert r.status_code == 200 and elapsed < 2.0, elapsed
+        time.sleep(4)  # past the header timeout: the server has closed them
+        closed = 0
+        for s in sockets:
+            s.settimeout(2)
+            try:
+                closed += s.recv(1) == b""
+            except OSError:
+                closed += 1
+        assert closed == len(sockets)
+    finally:
+        for s in sockets:
+            s.close()
+        stop(proc)

@@ -418,8 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument(
         "--max-connections",
         type=int,
-        default=512,
+        default=4096,
         help="open connections and requests at most; more are answered 503",
+    )
+    sv.add_argument(
+        "--header-timeout",
+        type=float,
+        default=5.0,
+        help="seconds a connection may take to send a whole request head (slow clients: closed)",
     )
     sv.add_argument(
         "--api-key",
@@ -436,12 +442,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_open_files_limit() -> None:
+    """Allow as many open files as the system lets this process have (the soft limit is often
+    1,024, which a burst of idle connections exhausts)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):  # not on this system: keep what there is
+        pass
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from routerretriever.data import load_corpus
     from routerretriever.encoder import Encoder
-    from routerretriever.service import create_app
+    from routerretriever.service import create_app, guarded_http_protocol
     from routerretriever.serving import DomainSource, Engine, Limits, corpus_index
 
     domains = [DomainSource.parse(d) for d in args.domain]  # fail before loading anything
@@ -501,6 +520,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"http://{args.host}:{args.port} (API pages at /docs; Ctrl-C stops)",
         file=sys.stderr,
     )
+    _raise_open_files_limit()
     try:
         # No lifespan: its only job, stopping the batcher thread (a daemon), ends with the process.
         uvicorn.run(
@@ -511,6 +531,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             lifespan="off",
             limit_concurrency=args.max_connections,  # more: 503 at once, not a stall
             timeout_keep_alive=5,
+            http=guarded_http_protocol(args.header_timeout),
         )
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly
         pass

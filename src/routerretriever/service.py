@@ -341,3 +341,28 @@ def create_app(
         }
 
     return app
+
+
+HEADER_TIMEOUT_S = 5.0  # a connection that has not sent a whole request head by then is closed
+
+
+def guarded_http_protocol(header_timeout: float = HEADER_TIMEOUT_S) -> type:
+    """uvicorn's h11 protocol, closing connections that send no complete request head within
+    ``header_timeout`` seconds (uvicorn itself times out only idle keep-alive connections, so
+    half-sent headers would hold a connection, and a file descriptor, forever)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._head_timer = self.loop.call_later(header_timeout, self._head_overdue)
+
+        def _head_overdue(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.close()  # still no request: a slow or stalled client
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._head_timer.cancel()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
