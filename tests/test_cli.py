@@ -117,3 +117,16 @@ def test_evaluate_a_saved_router_on_any_beir_folder(trained, tiny, tmp_path, cap
     assert main([*args, "--expert", str(store / "alpha")]) == 2
     assert "--router brings its own" in capsys.readouterr().err
     assert BASE not in json.loads((tmp_path / "router" / "router.json").read_text())["experts"]
+
+
+def test_cli_mistakes_are_one_line_errors_not_tracebacks(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["experts", "list", str(tmp_path / "empty")]) == 0
+    assert "no experts in" in capsys.readouterr().out
+    assert main(["experiment", str(tmp_path / "nope.toml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no such config file" in err
+    (tmp_path / "bad.toml").write_text("x = [\n")
+    assert main(["experiment", str(tmp_path / "bad.toml")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'bad.toml'}: not valid TOML" in err and "Traceback" not in err
