@@ -130,3 +130,26 @@ def test_cli_mistakes_are_one_line_errors_not_tracebacks(tmp_path, capsys):
     assert main(["experiment", str(tmp_path / "bad.toml")]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'bad.toml'}: not valid TOML" in err and "Traceback" not in err
+
+
+def test_version_and_a_fast_help():
+    import subprocess
+    import sys
+
+    from routerretriever import __version__
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, routerretriever.cli as c; c.build_parser(); print('torch' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.strip() == "False"  # building the parser (for --help) loads no model library
+    version = subprocess.run(
+        [sys.executable, "-m", "routerretriever.cli", "--version"], capture_output=True, text=True
+    ).stdout
+    assert version.strip() == f"routerretriever {__version__}"

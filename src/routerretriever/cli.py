@@ -200,8 +200,7 @@ class TrainDefaults:
     """The library's defaults, shown in --help (imported lazily to keep start-up fast)."""
 
     def __init__(self) -> None:
-        from routerretriever.experts import ExpertConfig
-        from routerretriever.training import TrainConfig
+        from routerretriever.config import ExpertConfig, TrainConfig
 
         self.train, self.lora = TrainConfig(), ExpertConfig()
 
@@ -209,6 +208,9 @@ class TrainDefaults:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="routerretriever", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    from routerretriever import __version__
+
+    parser.add_argument("--version", action="version", version=f"routerretriever {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("evaluate", help="evaluate retrieval on BEIR-format folders")

@@ -27,38 +27,6 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 @dataclass
-class ExpertConfig:
-    """LoRA hyper-parameters (the paper's: r=8, alpha=32, dropout 0.1, on query and value)."""
-
-    r: int = 8
-    alpha: int = 32
-    dropout: float = 0.1
-    target_modules: tuple[str, ...] = ("query", "value")
-
-    def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"r must be a positive integer, got {self.r}")
-        if self.alpha <= 0:
-            raise ValueError(f"alpha must be positive, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not self.target_modules:
-            raise ValueError("target_modules must name at least one module")
-        self.target_modules = tuple(self.target_modules)
-
-    def lora_config(self) -> Any:
-        from peft import LoraConfig
-
-        return LoraConfig(
-            r=self.r,
-            lora_alpha=self.alpha,
-            lora_dropout=self.dropout,
-            target_modules=list(self.target_modules),
-            bias="none",
-        )
-
-
-@dataclass
 class ExpertInfo:
     """What ``expert.json`` records about an expert."""
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from routerretriever.config import TrainConfig
 from routerretriever.data import Qrels, Queries, available_splits, load_beir, load_corpus
 from routerretriever.encoder import Encoder
 from routerretriever.evaluation import evaluate
@@ -33,39 +34,6 @@ from routerretriever.pseudo import PseudoQueryConfig, make_pseudo_queries
 from routerretriever.store import corpus_fingerprint, embed_corpus
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings. ``lr`` is the paper's; pick yours by the dev set (see docs)."""
-
-    lr: float = 1e-4
-    batch_size: int = 32
-    max_steps: int = 300
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    temperature: float = 0.05
-    hard_negatives: int = 3  # mined negatives per query per step (0: in-batch only)
-    mine_depth: int = 30  # pool of mined negatives: base-model ranks [mine_skip, mine_skip+depth)
-    mine_skip: int = 0  # skip the top ranks, where unjudged relevant documents hide
-    eval_every: int = 20
-    patience: int = 5  # evaluations without improvement before stopping
-    max_query_length: int | None = 128
-    grad_clip: float = 1.0
-    seed: int = 0
-    keep_best: bool = True  # restore the best dev checkpoint (False: keep the last step)
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "max_steps", "eval_every", "patience"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("hard_negatives", "mine_depth", "mine_skip"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
 
 @dataclass

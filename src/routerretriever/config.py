@@ -1,0 +1,72 @@
+"""Settings of an expert: its LoRA shape and its training. Plain dataclasses that check
+themselves (importing them loads no model library, so the command line starts fast)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class ExpertConfig:
+    """LoRA hyper-parameters (the paper's: r=8, alpha=32, dropout 0.1, on query and value)."""
+
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.1
+    target_modules: tuple[str, ...] = ("query", "value")
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"r must be a positive integer, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be positive, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("target_modules must name at least one module")
+        self.target_modules = tuple(self.target_modules)
+
+    def lora_config(self) -> Any:
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            bias="none",
+        )
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings. ``lr`` is the paper's; pick yours by the dev set (see docs)."""
+
+    lr: float = 1e-4
+    batch_size: int = 32
+    max_steps: int = 300
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    temperature: float = 0.05
+    hard_negatives: int = 3  # mined negatives per query per step (0: in-batch only)
+    mine_depth: int = 30  # pool of mined negatives: base-model ranks [mine_skip, mine_skip+depth)
+    mine_skip: int = 0  # skip the top ranks, where unjudged relevant documents hide
+    eval_every: int = 20
+    patience: int = 5  # evaluations without improvement before stopping
+    max_query_length: int | None = 128
+    grad_clip: float = 1.0
+    seed: int = 0
+    keep_best: bool = True  # restore the best dev checkpoint (False: keep the last step)
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_steps", "eval_every", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("hard_negatives", "mine_depth", "mine_skip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
