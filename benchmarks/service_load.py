@@ -28,20 +28,51 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_load(url: str, queries: list[str], clients: int, seconds: float, k: int = 10) -> dict:
+HOSTILE = [  # (body, content type): each must get a 4xx and harm no one else
+    ('{"queries": ["x \\ud800 lone surrogate"], "k": 3}', "application/json"),
+    ('{"queries": ["ok"], "k": 1e400}', "application/json"),
+    ('{"queries": ["ok"], "k": 100000000}', "application/json"),
+    ('{"queries": [' + ",".join(["1"] * 400_000) + '], "k": 3}', "application/json"),  # 800 KB
+    ("x" * 1_500_000, "application/json"),  # over the body cap
+]
+
+
+def run_load(
+    url: str,
+    queries: list[str],
+    clients: int,
+    seconds: float,
+    k: int = 10,
+    hostile_every: int = 0,
+) -> dict:
     """``clients`` threads send one-query ``/search`` requests for ``seconds``; the stats of the
-    requests answered within that time (errors: any non-200 answer or failed request)."""
+    valid requests answered within that time (errors: any non-200 answer to a valid request, or
+    a failed one). With ``hostile_every = n``, every n-th request of each client is one of
+    :data:`HOSTILE` instead; ``hostile_wrong`` counts those not answered 4xx."""
     import httpx
 
     latencies: list[float] = []
-    errors = [0]
+    errors, hostile, wrong = [0], [0], [0]
     lock = threading.Lock()
     stop_at = time.perf_counter() + seconds
 
     def client(offset: int) -> None:
-        i = offset
+        i, n = offset, 0
         with httpx.Client(timeout=60) as http:
             while time.perf_counter() < stop_at:
+                n += 1
+                if hostile_every and n % hostile_every == 0:
+                    body, ctype = HOSTILE[(n // hostile_every + offset) % len(HOSTILE)]
+                    try:
+                        status = http.post(
+                            url + "/search", content=body, headers={"content-type": ctype}
+                        ).status_code
+                    except httpx.HTTPError:
+                        status = 0
+                    with lock:
+                        hostile[0] += 1
+                        wrong[0] += not 400 <= status < 500
+                    continue
                 q = queries[i % len(queries)]
                 i += clients
                 start = time.perf_counter()
@@ -62,7 +93,11 @@ def run_load(url: str, queries: list[str], clients: int, seconds: float, k: int 
         t.start()
     for t in threads:
         t.join()
-    return summarise(latencies, errors[0], seconds)
+    return {
+        **summarise(latencies, errors[0], seconds),
+        "hostile": hostile[0],
+        "hostile_wrong": wrong[0],
+    }
 
 
 def summarise(latencies: list[float], errors: int, seconds: float) -> dict:
@@ -134,6 +169,11 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--start-timeout", type=float, default=900)
+    parser.add_argument(
+        "--hostile",
+        action="store_true",
+        help="instead: one server, clean load against load with one request in ten hostile",
+    )
     args = parser.parse_args()
     d = args.data
     args.corpus = args.corpus or d / "beir/scifact"
@@ -151,6 +191,8 @@ def main() -> None:
     queries = [q for q in queries if len(q) <= 2000]  # the server's default limit (one CISI query)
     levels = [int(c) for c in args.clients.split(",")]
 
+    if args.hostile:
+        return hostile_run(args, queries, levels)
     modes = {
         "micro-batched": [],
         "micro-batched, 5 ms window": ["--batch-window-ms", "5"],
@@ -209,6 +251,58 @@ def main() -> None:
             f"| {c} | {rows[('micro-batched', c)]['qps'] / one:.2f} "
             f"| {rows[('micro-batched, 5 ms window', c)]['qps'] / one:.2f} |"
         )
+
+
+def hostile_run(args: argparse.Namespace, queries: list[str], levels: list[int]) -> None:
+    """Valid requests' throughput with one request in ten hostile, against the same load with
+    none, on one server, in interleaved rounds."""
+    runs: dict[tuple[str, int], list[dict]] = {
+        (m, c): [] for m in ("clean", "hostile") for c in levels
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "store"
+        shutil.copytree(args.store, store, ignore=shutil.ignore_patterns(".served.json"))
+        serve = ["--store", str(store), "--corpus", str(args.corpus)]
+        serve += [x for d in args.domain for x in ("--domain", d)]
+        serve += [x for e in args.expert or [] for x in ("--expert", e)]
+        serve += ["--cache-dir", str(args.cache_dir)] if args.cache_dir else []
+        proc, url = start_server(serve, timeout=args.start_timeout)
+        try:
+            run_load(url, queries, 4, 3.0, args.k)  # warm-up
+            for _ in range(args.rounds):
+                for c in levels:
+                    for mode, every in (("clean", 0), ("hostile", 10)):
+                        runs[(mode, c)].append(
+                            run_load(url, queries, c, args.seconds, args.k, hostile_every=every)
+                        )
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
+    print(
+        f"{len(args.expert or [])} experts; corpus {args.corpus.name}; one query per request, "
+        f"k={args.k}; {args.rounds} interleaved rounds of {args.seconds:.0f} s; hostile: one "
+        "request in ten is a lone surrogate, k=1e400, k=10^8, 400k non-string queries or a "
+        "1.5 MB body"
+    )
+    print(
+        "| load | clients | valid queries/s | p50 ms | p99 ms | valid failed | hostile sent | hostile not 4xx |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for (mode, c), rs in runs.items():
+        r = summarise(
+            [x for r in rs for x in r["latencies"]],
+            sum(r["errors"] for r in rs),
+            sum(r["seconds"] for r in rs),
+        )
+        print(
+            f"| {mode} | {c} | {r['qps']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | "
+            f"{r['errors']} | {sum(x['hostile'] for x in rs)} | "
+            f"{sum(x['hostile_wrong'] for x in rs)} |"
+        )
+    for c in levels:
+        clean = sum(r["requests"] for r in runs[("clean", c)])
+        hostile = sum(r["requests"] for r in runs[("hostile", c)])
+        print(f"ratio valid throughput hostile/clean at {c} clients: {hostile / clean:.2f}")
 
 
 if __name__ == "__main__":
