@@ -110,8 +110,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_train_expert(args: argparse.Namespace) -> int:
+    from routerretriever.config import ExpertConfig
     from routerretriever.encoder import Encoder
-    from routerretriever.experts import ExpertConfig, check_name
+    from routerretriever.experts import check_name
     from routerretriever.pseudo import PseudoQueryConfig
     from routerretriever.training import TrainConfig, load_training_set, train_expert
 

@@ -182,7 +182,9 @@ def candidate_grid(rule: Rule) -> list[Candidate]:
         for k in (20, 80):
             for temp in (0.02, 0.05):
                 for top in (1, 2, None):
-                    label = {1: "expected-gain routing", 2: "top-2 mixture"}.get(top, "mixture")
+                    label = {1: "expected-gain routing", 2: "top-2 mixture"}.get(
+                        top or 0, "mixture"
+                    )
                     out.append(
                         Candidate(
                             f"k-NN {label} (K {k}, T {temp}){lex}",
@@ -269,7 +271,7 @@ def run_pool(
 
     def library(pool: Sequence[str], domains: Sequence[str]) -> Library:
         insts = [i for i in train_inst if i.domain in domains]
-        return Library([train[d] for d in domains], [BASE, *pool], build_pilots(insts, list(pool)))
+        return Library([train[d] for d in domains], insts, list(pool))
 
     lib = library(experts, seen)
     cands = candidate_grid(rule)

@@ -32,7 +32,8 @@ BASE = "__base__"  # the base model as a pool member (same name as encoder.BASE)
 class Policy(Protocol):
     """Member weights for each query."""
 
-    members: list[str]
+    @property
+    def members(self) -> list[str]: ...
 
     def weights(self, query_emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(W, scores)``: weights ``(n, m)`` over :attr:`members` (rows sum to 1) and the

@@ -179,6 +179,7 @@ class RouterRetriever(DenseRetriever):
         if policy is None:
             assert pilots is not None
             policy = PilotPolicy(pilots, rule)
+        self.policy: Policy = policy
         missing = [e for e in policy.members if e != BASE and e not in encoder.experts]
         if missing:
             raise ValueError(
@@ -195,7 +196,6 @@ class RouterRetriever(DenseRetriever):
             )
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha (the dense side's weight) must be in [0, 1], got {alpha}")
-        self.policy = policy
         self.alpha = float(alpha)
         self.bm25 = bm25 or BM25Config()
         self.lexical: BM25Index | None = None

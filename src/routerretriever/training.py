@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from routerretriever.config import TrainConfig
+from routerretriever.config import ExpertConfig, TrainConfig
 from routerretriever.data import Qrels, Queries, available_splits, load_beir, load_corpus
 from routerretriever.encoder import Encoder
 from routerretriever.evaluation import evaluate
-from routerretriever.experts import ExpertConfig, ExpertInfo, check_name, write_expert_folder
+from routerretriever.experts import ExpertInfo, check_name, write_expert_folder
 from routerretriever.index import FaissIndex
 from routerretriever.losses import contrastive_loss
 from routerretriever.pseudo import PseudoQueryConfig, make_pseudo_queries
