@@ -716,3 +716,49 @@ def test_a_thousand_half_open_connections_do_not_stall_a_good_client(store_src, 
         for s in sockets:
             s.close()
         stop(proc)
+
+
+@pytest.mark.slow
+def test_two_ray_serve_replicas_follow_one_served_set(store_src, tmp_path):
+    """`serve --replicas 2`: both replicas answer, and an expert added or removed through one
+    reaches the other (the store's served set is the one source of truth)."""
+    pytest.importorskip("ray.serve")
+    import httpx
+
+    from benchmarks.service_load import start_server as start
+
+    store = tmp_path / "store"
+    shutil.copytree(store_src, store)
+    serve = ["--store", str(store), "--corpus", str(TINY), "--domain", f"tiny={TINY}:corpus"]
+    serve += ["--cache-dir", str(tmp_path / "cache"), "--expert", "alpha", "--replicas", "2"]
+    proc, url = start(serve, None, timeout=600)
+
+    def replicas_seen(want: list[str], tries: int = 200) -> dict[int, list[str]]:
+        seen: dict[int, list[str]] = {}
+        for _ in range(tries):
+            h = httpx.get(url + "/health", timeout=30).json()
+            seen[h["process"]] = h["experts"]
+            if len(seen) == 2 and all(v == want for v in seen.values()):
+                break
+            time.sleep(0.1)
+        return seen
+
+    try:
+        before = replicas_seen(["alpha"])
+        assert len(before) == 2 and all(v == ["alpha"] for v in before.values()), before
+        r = httpx.post(url + "/experts", json={"path": "beta"}, timeout=300)
+        assert r.status_code == 201, r.text
+        after = replicas_seen(["alpha", "beta"])
+        assert set(after) == set(before) and all(v == ["alpha", "beta"] for v in after.values())
+        r = httpx.post(url + "/search", json={"queries": QUERIES, "k": 3}, timeout=60)
+        assert r.status_code == 200 and {x["expert"] for x in r.json()["results"]} <= {
+            "alpha",
+            "beta",
+        }
+        assert httpx.delete(url + "/experts/alpha", timeout=300).status_code == 200
+        gone = replicas_seen(["beta"])
+        assert all(v == ["beta"] for v in gone.values()), gone
+        assert json.loads((store / SERVED).read_text())["experts"] == {"beta": "beta"}
+    finally:
+        stop(proc)
+        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)

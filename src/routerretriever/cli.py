@@ -425,6 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="open connections and requests at most; more are answered 503",
     )
     sv.add_argument(
+        "--replicas",
+        type=int,
+        default=0,
+        help="serve N engine replicas behind Ray Serve (with --ray-address, on a cluster); "
+        "experts added or removed through any replica reach all",
+    )
+    sv.add_argument(
         "--header-timeout",
         type=float,
         default=5.0,
@@ -458,6 +465,42 @@ def _raise_open_files_limit() -> None:
         pass
 
 
+def _serve_replicas(args: argparse.Namespace, api_key: str | None, admin: bool) -> int:
+    from routerretriever import replicas
+
+    if args.ray_actors:
+        raise RouterRetrieverError("--ray-actors goes with a single server, not --replicas")
+    spec = replicas.ServeSpec(
+        store=args.store.resolve(),
+        corpus=args.corpus.resolve(),
+        domains=list(args.domain),
+        model=args.model,
+        index=args.index,
+        milvus_uri=args.milvus_uri,
+        cache_dir=args.cache_dir.resolve() if args.cache_dir else None,
+        rule=args.rule,
+        routing_precision=args.routing_precision,
+        limits=(args.max_queries, args.max_query_chars, args.max_k),
+        batch_window_ms=args.batch_window_ms,
+        max_batch_queries=args.max_batch_queries,
+        api_key=api_key,
+        admin=admin,
+        max_body_bytes=args.max_body_bytes,
+    )
+    if args.expert:
+        replicas.save_served(spec.store, list(args.expert))
+    print(
+        f"serving {args.replicas} replicas with Ray Serve at http://{args.host}:{args.port} "
+        "(each loads the model and the index; Ctrl-C stops)",
+        file=sys.stderr,
+    )
+    try:
+        replicas.run(spec, args.replicas, args.host, args.port, address=args.ray_address)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -480,6 +523,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     if not args.store.is_dir():
         raise RouterRetrieverError(f"--store {args.store}: expert store does not exist")
+    if args.replicas:
+        return _serve_replicas(args, api_key, admin)
     corpus = load_corpus(args.corpus)
     encoder = Encoder.load(args.model)
     embedder = None

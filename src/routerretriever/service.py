@@ -11,6 +11,7 @@ import asyncio
 import base64
 import hmac
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -335,6 +336,7 @@ def create_app(
     def health() -> dict[str, Any]:
         return {
             "status": "ok",
+            "process": os.getpid(),  # which replica answered, behind a proxy
             "experts": engine.experts,
             "documents": len(engine.index),
             "batches": batcher.batches,

@@ -22,8 +22,9 @@ import random
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -382,7 +383,8 @@ class Engine:
     def add_expert(self, path: str, name: str | None = None) -> dict[str, Any]:
         """Serve the expert in ``STORE/path`` (no restart, no training); returns its description."""
         folder = self.resolve(path)
-        with self._admin_lock:
+        with self._admin_lock, self._store_lock():
+            self._sync_locked()  # another replica may have changed the set
             try:
                 info = check_folder(folder, self.encoder)
             except ModelError as e:
@@ -412,7 +414,8 @@ class Engine:
 
     def remove_expert(self, name: str) -> None:
         """Stop serving expert ``name``; the pilot library is regrouped without it."""
-        with self._admin_lock:
+        with self._admin_lock, self._store_lock():
+            self._sync_locked()
             if name not in self.served:
                 raise RequestError(f"unknown expert {name!r}; served: {self.experts}", 404)
             self._commit({n: p for n, p in self.served.items() if n != name})
@@ -427,8 +430,47 @@ class Engine:
             self.encoder.add_adapter(name, folder)  # the served router does not route to it yet
         self.infos[name] = info
 
-    def _commit(self, served: dict[str, str], adding: bool = False) -> None:
-        """Build the library for ``served``, record it (atomically), then swap it in."""
+    def sync(self) -> bool:
+        """Serve the set ``STORE/.served.json`` records, if another process sharing the store
+        (a replica) changed it; True if anything changed. The file is the one source of truth."""
+        with self._admin_lock, self._store_lock():
+            return self._sync_locked()
+
+    def _sync_locked(self) -> bool:
+        try:
+            saved = dict(json.loads((self.store / SERVED).read_text())["experts"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        if saved == self.served:
+            return False
+        for name, rel in saved.items():
+            if name not in self.served:
+                self._load(rel, name)
+        gone = [n for n in self.served if n not in saved]
+        self._commit(saved, write=False)
+        for name in gone:
+            with self._model_lock:
+                self.encoder.remove_adapter(name)
+            self.infos.pop(name, None)
+        logger.info("synced with %s: serving %s", SERVED, sorted(saved))
+        return True
+
+    @contextmanager
+    def _store_lock(self) -> Iterator[None]:
+        """An exclusive lock on the store across processes (replicas change the served set one
+        at a time, each starting from the latest one)."""
+        import fcntl
+
+        with open(self.store / ".served.lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _commit(self, served: dict[str, str], adding: bool = False, write: bool = True) -> None:
+        """Build the library for ``served``, record it (atomically, unless ``write=False``: it
+        came from the record), then swap it in."""
         names = sorted(served)
         lib = None
         if names:
@@ -441,10 +483,11 @@ class Engine:
         delay = float(os.environ.get(_ADD_DELAY_ENV, "0") or 0)
         if delay and adding:
             time.sleep(delay)
-        atomic_write(
-            self.store / SERVED,
-            lambda tmp: tmp.write_text(json.dumps({"experts": served}, indent=2) + "\n"),
-        )
+        if write:
+            atomic_write(
+                self.store / SERVED,
+                lambda tmp: tmp.write_text(json.dumps({"experts": served}, indent=2) + "\n"),
+            )
         router = (
             None
             if lib is None
