@@ -127,7 +127,15 @@ def test_add_expert_refusals(client, engine, tmp_path, path, status, message):
 
 def test_openapi_and_health(client):
     spec = client.get("/openapi.json").json()
-    assert {"/search", "/experts", "/experts/{name}", "/health"} <= set(spec["paths"])
+    assert {
+        "/search",
+        "/experts",
+        "/experts/{name}",
+        "/health",
+        "/metrics",
+        "/v1/embeddings",
+        "/v1/models",
+    } <= set(spec["paths"])
     assert set(spec["paths"]["/experts"]) == {"get", "post"}
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["experts"] == ["alpha"]

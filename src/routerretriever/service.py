@@ -274,7 +274,7 @@ def create_app(
         return {"removed": name, "experts": engine.experts}
 
     @app.post("/v1/embeddings", dependencies=[Depends(authorised)], response_model=None)
-    async def embeddings(req: EmbeddingsRequest) -> dict[str, Any] | JSONResponse:
+    async def embeddings(req: EmbeddingsRequest) -> Any:
         """OpenAI-compatible embeddings; ``routing`` (per input, for routed queries) says which
         members were mixed and why."""
         texts = [req.input] if isinstance(req.input, str) else req.input
@@ -325,8 +325,8 @@ def create_app(
             ],
         }
 
-    @app.get("/metrics", dependencies=[Depends(authorised)])
-    def scrape() -> Response:
+    @app.get("/metrics", dependencies=[Depends(authorised)], response_class=Response)
+    def scrape() -> Any:
         """Prometheus text format: requests and latency per endpoint and status, queries routed
         per expert, batch sizes, queue depth, expert adds and removes with their durations."""
         body, content_type = metrics.render()
