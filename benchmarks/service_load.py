@@ -61,7 +61,7 @@ def run_load(
         with httpx.Client(timeout=60) as http:
             while time.perf_counter() < stop_at:
                 n += 1
-                if hostile_every and n % hostile_every == 0:
+                if hostile_every and (n + offset) % hostile_every == 0:  # spread over clients
                     body, ctype = HOSTILE[(n // hostile_every + offset) % len(HOSTILE)]
                     try:
                         status = http.post(

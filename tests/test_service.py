@@ -293,7 +293,7 @@ def test_one_bad_query_fails_only_its_own_request(engine):
         ('{"queries": ["ok"], "k": 1e400}', 422, "valid integer"),
         ('{"queries": ["ok"], "k": NaN}', 422, ""),
         ('{"queries": ["ok"], "k": 2.0}', 422, "valid integer"),
-        ('{"queries": [1, 2], "k": 3}', 422, "valid string"),
+        ('{"queries": [1, 2], "k": 3}', 422, "queries[0] must be a string, got int"),
     ],
 )
 def test_hostile_search_bodies_get_a_clear_4xx(client, content, status, needle):
@@ -310,6 +310,10 @@ def test_huge_bodies_are_refused_before_parsing_and_errors_never_echo_input(clie
     assert "request body too large" in r.json()["detail"]
     many = '{"queries": [' + ",".join(["1"] * 50_000) + '], "k": 3}'  # under the cap
     r = client.post("/search", content=many, headers={"content-type": "application/json"})
+    assert r.status_code == 413  # counted before any item is looked at
+    assert r.json()["detail"] == "too many queries: 50000 > 4 per request"
+    bad = '{"queries": "x", "k": [' + ",".join(['"y"'] * 50_000) + "]}"
+    r = client.post("/search", content=bad, headers={"content-type": "application/json"})
     assert r.status_code == 422
     assert len(r.content) < 2_000  # a few errors, no echo of the 50,000 inputs
     assert "input" not in r.text

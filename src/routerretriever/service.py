@@ -24,8 +24,11 @@ from routerretriever.serving import Engine, Limits, MicroBatcher, RequestError
 
 
 class SearchRequest(BaseModel):
-    queries: list[StrictStr] = Field(
-        description="the query texts (the server sets a maximum count and length)"
+    # Items are checked by Limits.check, count first: validating each item of a huge list here
+    # would cost seconds of the event loop before the count could refuse it.
+    queries: list[Any] = Field(
+        description="the query texts (the server sets a maximum count and length)",
+        json_schema_extra={"items": {"type": "string"}},
     )
     k: StrictInt = Field(10, description="hits per query (the server sets a maximum)")
 
@@ -58,7 +61,9 @@ class EmbeddingsRequest(BaseModel):
     """OpenAI's ``POST /v1/embeddings`` body, plus ``input_type`` (text-embeddings-inference and
     Infinity have the same idea): documents always get the base model."""
 
-    input: StrictStr | list[StrictStr] = Field(description="a text or a list of texts")
+    input: StrictStr | list[Any] = Field(
+        description="a text or a list of texts", json_schema_extra={"items": {"type": "string"}}
+    )
     model: StrictStr = Field("auto", description="'auto' (routed), 'base', or an expert's name")
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="'base64': little-endian float32 bytes, base64-encoded"

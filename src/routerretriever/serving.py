@@ -74,6 +74,8 @@ class Limits:
                 f"too many queries: {len(queries)} > {self.max_queries} per request", 413
             )
         for i, q in enumerate(queries):
+            if not isinstance(q, str):
+                raise RequestError(f"queries[{i}] must be a string, got {type(q).__name__}", 422)
             if not q.strip():
                 raise RequestError(f"queries[{i}] is empty")
             try:
