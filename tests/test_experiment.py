@@ -47,3 +47,46 @@ def test_unknown_settings_are_named(tmp_path):
         ExperimentConfig.load(write(tmp_path, "store = 'x'"))
     with pytest.raises(ValueError, match="domain 'a': unknown overrides \\['foo'\\]"):
         ExperimentConfig.load(write(tmp_path, '[[domains]]\nname="a"\npath="a"\noverrides={foo=1}'))
+
+
+@pytest.mark.slow
+def test_every_train_setting_in_the_toml_reaches_the_expert(tmp_path):
+    """The experiment trains through the library: settings the CLI has no flag for (here
+    temperature, warmup_ratio, mine_depth, max_query_length) reach expert.json."""
+    import json
+
+    from routerretriever.experiment import ExperimentConfig, train_all
+    from tests.conftest import TINY
+
+    config = tmp_path / "tiny.toml"
+    config.write_text(
+        f"""
+store = "store"
+results = "results"
+cache_dir = "cache"
+[train]
+lr = 1e-3
+batch_size = 8
+max_steps = 4
+eval_every = 2
+patience = 1
+temperature = 0.07
+warmup_ratio = 0.2
+mine_depth = 7
+max_query_length = 24
+[pseudo]
+crops_per_doc = 1
+[[domains]]
+name = "tiny"
+path = "{TINY}"
+train = "corpus"
+"""
+    )
+    cfg = ExperimentConfig.load(config)
+    cfg.expert_domains[0].overrides["mine_depth"] = 9  # a domain's override wins
+    train_all(cfg)
+    tiny = json.loads((tmp_path / "store" / "tiny" / "expert.json").read_text())["training"]
+    assert (tiny["temperature"], tiny["warmup_ratio"], tiny["mine_depth"]) == (0.07, 0.2, 9)
+    assert tiny["max_query_length"] == 24
+    multi = json.loads((tmp_path / "store" / "multitask" / "expert.json").read_text())["training"]
+    assert multi["temperature"] == 0.07 and multi["max_steps"] == 4  # one domain: 1 x budget

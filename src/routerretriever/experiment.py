@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import logging
 import random
-import subprocess
-import sys
 import time
 import tomllib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -124,58 +122,59 @@ class ExperimentConfig:
 # -- step 1: experts ---------------------------------------------------------------------------
 
 
-def _train_args(
-    cfg: ExperimentConfig, name: str, specs: Sequence[DomainSpec], steps: int
-) -> list[str]:
-    args = [
-        sys.executable,
-        "-m",
-        "routerretriever.cli",
-        "train-expert",
-        name,
-        "--out",
-        str(cfg.store),
-    ]
-    for spec in specs:
-        if spec.train == "corpus":
-            args += ["--corpus", str(spec.path)]
-        else:
-            args += ["--dataset", str(spec.path)]
-            if len(specs) == 1:
-                args += ["--split", spec.train]
-    if cfg.cache_dir:
-        args += ["--cache-dir", str(cfg.cache_dir)]
-    args += ["--crops-per-doc", str(cfg.pseudo.crops_per_doc)]
-    if cfg.pseudo.max_docs is not None:
-        args += ["--max-docs", str(cfg.pseudo.max_docs)]
+def train_one(cfg: ExperimentConfig, name: str, specs: Sequence[DomainSpec], steps: int) -> None:
+    """Train expert ``name`` on ``specs`` with the library, every ``[train]`` and ``[pseudo]``
+    setting of the config applied (a domain's ``overrides`` on top, for a one-domain expert)."""
+    from routerretriever.training import train_expert
+
     t = cfg.train
     if len(specs) == 1 and specs[0].overrides:
-        t = TrainConfig(**{**asdict(t), **specs[0].overrides})
-    for flag in (
-        "lr",
-        "batch_size",
-        "hard_negatives",
-        "mine_skip",
-        "eval_every",
-        "patience",
-        "seed",
-    ):
-        args += ["--" + flag.replace("_", "-"), str(getattr(t, flag))]
-    return args + ["--max-steps", str(steps)]
+        t = replace(t, **specs[0].overrides)
+    t = replace(t, max_steps=steps)
+    encoder = Encoder.load()
+    sets = [
+        load_training_set(
+            encoder,
+            spec.path,
+            split=None if spec.train == "corpus" else spec.train if len(specs) == 1 else "train",
+            from_corpus=spec.train == "corpus",
+            pseudo=cfg.pseudo,
+            cache_dir=cfg.cache_dir,
+            seed=t.seed,
+        )
+        for spec in specs
+    ]
+    info = train_expert(encoder, sets, name, cfg.store, train=t, show_progress=False)
+    logger.info(
+        "expert %s: dev nDCG@10 %.4f (base %.4f), best step %s of %s, %.0f s",
+        name,
+        info.dev["ndcg@10"],
+        info.dev["base_ndcg@10"],
+        info.training["best_step"],
+        info.training["steps_run"],
+        info.seconds,
+    )
 
 
 def train_all(cfg: ExperimentConfig) -> None:
-    """Train each domain's expert and the multi-task LoRA, each in its own process (so its peak
-    memory is its own); experts already in the store are kept."""
+    """Train each domain's expert and the multi-task LoRA, each in its own process (so its time
+    and peak memory are its own); experts already in the store are kept."""
+    import multiprocessing
+
     jobs = [(d.name, [d], cfg.train.max_steps) for d in cfg.expert_domains]
     # The multi-task LoRA gets the budget of all experts together.
     jobs.append((MULTITASK, cfg.expert_domains, cfg.train.max_steps * len(cfg.expert_domains)))
+    spawn = multiprocessing.get_context("spawn")
     for name, specs, steps in jobs:
         if (cfg.store / name / "expert.json").is_file():
             logger.info("expert %s already trained; keeping it", name)
             continue
         logger.info("training expert %s", name)
-        subprocess.run(_train_args(cfg, name, specs, steps), check=True)
+        proc = spawn.Process(target=train_one, args=(cfg, name, specs, steps), name=f"train-{name}")
+        proc.start()
+        proc.join()
+        if proc.exitcode != 0:
+            raise RuntimeError(f"training expert {name!r} failed (exit code {proc.exitcode})")
 
 
 # -- step 2: per-query scores of every model on every test set and on the instances --------------
