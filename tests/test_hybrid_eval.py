@@ -11,7 +11,9 @@ from routerretriever.hybrid_eval import (
     QuerySet,
     candidate_grid,
     choose,
+    cross_fitted,
     evaluate_candidates,
+    gated_maker,
     neighbour_maker,
     pilot_maker,
     run_policy,
@@ -89,3 +91,47 @@ def test_the_default_is_chosen_on_dev_and_fast(world):
         same = [o for o in cands if o.family == fam]
         assert c.dev_mean(["x"]) == max(o.dev_mean(["x"]) for o in same)
     assert best["knn-20-0.02-all"].cost > 1.0  # the full mixture needs both experts' passes
+
+
+def test_gate_declines_the_expert_routed_to_that_hurts_and_keeps_the_one_that_pays(world):
+    lib, dev = world
+    # Pilots that send domain y's queries to "bad": Algorithm 1 labels by the scores given.
+    y_inst = next(i for i in lib.instances if i.domain == "y")
+    n = len(y_inst.ids)
+    forced = DomainInstances(
+        "y", y_inst.ids, y_inst.embeddings, {"good": np.zeros(n), "bad": np.ones(n)}
+    )
+    x_inst = next(i for i in lib.instances if i.domain == "x")
+    gated_lib = Library(lib.sets, [x_inst, forced], ["good", "bad"], list(dev.values()))
+    plain = pilot_maker("weighted")(gated_lib)
+    assert plain.weights(dev["y"].base)[0][:, plain.members.index("bad")].mean() > 0.2
+    policy = gated_maker("weighted", 1.0)(gated_lib)
+    assert policy.decline == ("bad",)
+    w = policy.weights(dev["y"].base)[0]
+    assert w[:, policy.members.index("bad")].sum() == 0
+    routed_bad = plain.weights(dev["y"].base)[0][:, plain.members.index("bad")] == 1
+    assert (w[routed_bad, policy.members.index(BASE)] == 1).all()  # the base model instead
+    assert run_policy(policy, 1.0, dev["y"])[0].mean() > run_policy(plain, 1.0, dev["y"])[0].mean()
+
+
+def test_a_gate_fitted_on_dev_is_scored_on_dev_only_across_halves(world):
+    lib, dev = world
+    lib = Library(lib.sets, lib.instances, lib.experts, list(dev.values()))
+    seen: list[set[str]] = []
+
+    def spy(inner):
+        def make(library):
+            seen.append({q for s in library.dev for q in s.qids})
+            return inner(library)
+
+        return make
+
+    from routerretriever.hybrid_eval import Candidate
+
+    c = Candidate("gated", "pilot-gated", spy(gated_maker("weighted", 0.5)), 0.5, fits_dev=True)
+    scores, cost = cross_fitted(c, lib, dev["x"])
+    assert len(scores) == len(dev["x"].qids) and 0 <= cost <= 1
+    evens = {q for i, q in enumerate(dev["x"].qids) if i % 2 == 0}
+    odds = set(dev["x"].qids) - evens
+    assert evens.isdisjoint(seen[0]) and odds <= seen[0]  # fold 0: fitted on odds, scores evens
+    assert odds.isdisjoint(seen[1]) and evens <= seen[1]

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from routerretriever.pilots import (
     DomainInstances,
@@ -76,3 +78,63 @@ def test_routing_rules():
     assert decision.expert == "B" and set(decision.scores) == {"A", "B"}
     with pytest.raises(ValueError, match="unknown routing rule 'avg'"):
         expert_scores(q, lib, "avg")  # type: ignore[arg-type]
+
+
+# -- declining experts that do not pay -----------------------------------------------------------
+
+
+def test_declined_experts_keeps_only_a_significant_positive_gain():
+    from routerretriever.policy import declined_experts
+
+    rng = np.random.default_rng(0)
+    routed = ["a"] * 60 + ["b"] * 60 + ["c"] * 60 + ["d"] * 5 + ["e"] * 30
+    gains = np.concatenate(
+        [
+            0.1 + 0.05 * rng.normal(size=60),  # a: pays, consistently
+            0.01 + 0.3 * rng.normal(size=60),  # b: noise around zero
+            -0.1 + 0.05 * rng.normal(size=60),  # c: hurts
+            np.full(5, 0.5),  # d: too few instances to tell
+            np.full(30, 0.2),  # e: a constant gain is a gain
+        ]
+    )
+    assert declined_experts(routed, gains, ["a", "b", "c", "d", "e", "f"]) == ("b", "c", "d", "f")
+    with pytest.raises(ValueError, match="differ in length"):
+        declined_experts(routed[:-1], gains, ["a"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from("xyz"), st.floats(-1, 1, allow_nan=False)),
+        max_size=80,
+    )
+)
+def test_declined_experts_never_keeps_an_expert_that_does_not_gain_on_average(rows):
+    from routerretriever.policy import declined_experts
+
+    routed = [r for r, _ in rows]
+    gains = np.array([g for _, g in rows])
+    out = declined_experts(routed, gains, ["x", "y", "z"])
+    assert set(out) <= {"x", "y", "z"}
+    for e in "xyz":
+        g = gains[np.asarray(routed) == e] if rows else np.array([])
+        if len(g) < 10 or g.mean() <= 0:
+            assert e in out
+
+
+def test_a_declined_expert_sends_its_queries_to_the_base_model_and_survives_save(tmp_path):
+    from routerretriever.policy import BASE, PilotPolicy, load_policy
+
+    d = inst("a", [[1, 0], [0, 1], [1, 1]], A=[0.9, 0.1, 0.5], B=[0.2, 0.8, 0.4])
+    lib = build_pilots([d], ["A", "B"])
+    emb = np.repeat(lib.embeddings[:1], 3, axis=0)  # routed to the first pilot's expert
+    first = lib.pilots[0].expert
+    plain = PilotPolicy(lib, "weighted")
+    assert plain.weights(emb)[0][:, plain.members.index(first)].tolist() == [1.0] * 3
+    gated = PilotPolicy(lib, "weighted", decline=(first,))
+    w = gated.weights(emb)[0]
+    assert w[:, gated.members.index(BASE)].tolist() == [1.0] * 3 and w.sum() == 3
+    spec = gated.save(tmp_path)
+    assert load_policy(tmp_path, spec).decline == (first,)
+    with pytest.raises(ValueError, match="without pilots"):
+        PilotPolicy(lib, "weighted", decline=("nobody",))

@@ -27,8 +27,8 @@ from routerretriever.evaluation import evaluate
 from routerretriever.fusion import Hits, fuse_scores, mix_queries, reciprocal_rank
 from routerretriever.index import FaissIndex
 from routerretriever.pilots import DomainInstances, build_pilots
-from routerretriever.policy import NeighbourPolicy, PilotPolicy, Policy
-from routerretriever.router import Rule
+from routerretriever.policy import NeighbourPolicy, PilotPolicy, Policy, declined_experts
+from routerretriever.router import Rule, expert_scores
 
 if TYPE_CHECKING:
     from routerretriever.experiment import Experiment
@@ -62,6 +62,20 @@ class QuerySet:
             self._dense[member] = self.index.search(self.emb[member], DEPTH, self.qids)
         return self._dense[member]
 
+    def subset(self, idx: np.ndarray) -> QuerySet:
+        """These queries at positions ``idx`` only (cached searches carried over)."""
+        out = QuerySet(
+            self.domain,
+            [self.qids[i] for i in idx],
+            self.qrels,
+            {m: e[idx] for m, e in self.emb.items()},
+            self.index,
+            [self.lexical[i] for i in idx],
+            self.labelled,
+        )
+        out._dense = {m: [h[i] for i in idx] for m, h in self._dense.items()}
+        return out
+
     def ndcg(self, run: Sequence[Hits]) -> np.ndarray:
         """Per-query nDCG@10 ``(n,)`` of one ranked list per query (0 for no hits)."""
         per = evaluate(
@@ -89,11 +103,13 @@ class QuerySet:
 
 @dataclass
 class Library:
-    """What a router may learn from: the training instances of the pool's domains."""
+    """What a router may learn from: the training instances of the pool's domains, and their
+    held-out (dev) instances for gates that must not be fitted on an expert's own training data."""
 
     sets: list[QuerySet]
     instances: list[DomainInstances]
     experts: list[str]
+    dev: list[QuerySet] = field(default_factory=list)
 
     @property
     def members(self) -> list[str]:
@@ -117,6 +133,30 @@ PolicyMaker = Callable[[Library], Policy]
 def pilot_maker(rule: Rule, base_mix: float = 0.0) -> PolicyMaker:
     """Today's router (one expert by its pilots), mixed with the base vector at ``base_mix``."""
     return lambda lib: PilotPolicy(build_pilots(lib.instances, lib.experts), rule, base_mix)
+
+
+def gated_maker(rule: Rule, alpha: float, base_mix: float = 0.0) -> PolicyMaker:
+    """Today's router that declines each expert whose routed held-out instances (``lib.dev``)
+    show no significant gain over the base model, both fused with BM25 at ``alpha``
+    (:func:`routerretriever.policy.declined_experts`)."""
+
+    def make(lib: Library) -> Policy:
+        pilots = build_pilots(lib.instances, lib.experts)
+        policy = PilotPolicy(pilots, rule, base_mix)
+        routed, gains = [], []
+        for qs in lib.dev:
+            best = expert_scores(qs.base, pilots, rule).argmax(axis=1)
+            routed += [pilots.experts[b] for b in best]
+            alphas = np.full(len(qs.qids), alpha)
+            base_w = np.ones((len(qs.qids), 1))
+            gains.append(
+                qs.score(policy.members, policy.weights(qs.base)[0], alphas)
+                - qs.score([BASE], base_w, alphas)
+            )
+        decline = declined_experts(routed, np.concatenate(gains) if gains else [], lib.experts)
+        return PilotPolicy(pilots, rule, base_mix, decline)
+
+    return make
 
 
 def neighbour_maker(k: int, temperature: float, top: int | None) -> PolicyMaker:
@@ -148,6 +188,7 @@ class Candidate:
     dev: dict[str, float] = field(default_factory=dict)  # domain -> mean dev nDCG@10
     test: dict[str, float] = field(default_factory=dict)  # domain -> mean test nDCG@10
     cost: float = 1.0  # dense passes per query beyond the routing pass (mean, on dev)
+    fits_dev: bool = False  # fitted on dev instances too: its dev scores are cross-fitted
 
     def dev_mean(self, domains: Sequence[str] | None = None) -> float:
         keys = domains if domains is not None else list(self.dev)
@@ -170,6 +211,15 @@ def candidate_grid(rule: Rule) -> list[Candidate]:
         lex = "" if a == 1.0 else f" + BM25 (α {a})"
         out.append(Candidate(f"Base model{lex}", "base", pilot_maker(rule, 1.0), a))
         out.append(Candidate(f"RouterRetriever ({rule}){lex}", "pilot", pilot_maker(rule), a))
+        out.append(
+            Candidate(
+                f"RouterRetriever ({rule}), gated{lex}",
+                "pilot-gated",
+                gated_maker(rule, a),
+                a,
+                fits_dev=True,
+            )
+        )
         for beta in (0.3, 0.5):
             out.append(
                 Candidate(
@@ -196,18 +246,37 @@ def candidate_grid(rule: Rule) -> list[Candidate]:
     return out
 
 
+def cross_fitted(c: Candidate, lib: Library, qs: QuerySet) -> tuple[np.ndarray, float]:
+    """``c`` on ``qs`` (a dev set in ``lib.dev``), each half of it scored by ``c`` as fitted with
+    the other half of every dev set held out: no instance's own score decides its system."""
+    scores = np.zeros(len(qs.qids))
+    costs = []
+    for fold in (0, 1):
+        held = [s.subset(np.flatnonzero(np.arange(len(s.qids)) % 2 != fold)) for s in lib.dev]
+        policy = c.make(Library(lib.sets, lib.instances, lib.experts, held))
+        part = np.flatnonzero(np.arange(len(qs.qids)) % 2 == fold)
+        s, cost = run_policy(policy, c.alpha, qs.subset(part))
+        scores[part] = s
+        costs.append(cost * len(part))
+    return scores, float(sum(costs) / len(qs.qids))
+
+
 def evaluate_candidates(
     cands: Sequence[Candidate],
     lib: Library,
     dev: dict[str, QuerySet],
     test: dict[str, QuerySet],
 ) -> None:
-    """Fill each candidate's dev and test scores (and its cost, on dev)."""
+    """Fill each candidate's dev and test scores (and its cost, on dev). A candidate fitted on
+    dev instances too is scored on each half of every dev set as fitted on the other half."""
     for c in cands:
         costs = []
         policy = c.make(lib)
         for d, qs in dev.items():
-            s, cost = run_policy(policy, c.alpha, qs)
+            if c.fits_dev:
+                s, cost = cross_fitted(c, lib, qs)
+            else:
+                s, cost = run_policy(policy, c.alpha, qs)
             c.dev[d] = float(s.mean())
             costs.append(cost)
         c.cost = float(np.mean(costs))
@@ -271,7 +340,7 @@ def run_pool(
 
     def library(pool: Sequence[str], domains: Sequence[str]) -> Library:
         insts = [i for i in train_inst if i.domain in domains]
-        return Library([train[d] for d in domains], insts, list(pool))
+        return Library([train[d] for d in domains], insts, list(pool), [dev[d] for d in domains])
 
     lib = library(experts, seen)
     cands = candidate_grid(rule)
@@ -293,11 +362,25 @@ def run_pool(
         fam: max((c for c in cands if c.family == fam), key=lambda c: c.dev_mean()).alpha
         for fam in per_family
     }
-    zero: dict[str, float] = {}
-    for d in [*seen, *unseen]:
-        pool = [e for e in experts if e != d]
-        zpolicy = default.make(library(pool, [x for x in seen if x != d]))
-        zero[d] = float(run_policy(zpolicy, default.alpha, test[d])[0].mean())
+
+    def zero_shot(c: Candidate) -> dict[str, float]:
+        out = {}
+        for d in [*seen, *unseen]:
+            pool = [e for e in experts if e != d]
+            zpolicy = c.make(library(pool, [x for x in seen if x != d]))
+            out[d] = float(run_policy(zpolicy, c.alpha, test[d])[0].mean())
+        return out
+
+    zero = zero_shot(default)
+    gated = per_family.get("pilot-gated")
+    gate = None
+    if gated is not None:
+        gpol = gated.make(lib)
+        gate = {
+            "name": gated.name,
+            "declined": list(getattr(gpol, "decline", ())),
+            "zero_shot": zero if gated is default else zero_shot(gated),
+        }
     growth = []
     for m in range(1, len(experts) + 1):
         gpolicy = default.make(library(experts[:m], seen[:m]))
@@ -337,6 +420,7 @@ def run_pool(
             "unseen": unseen_default,
         },
         "growth": growth,
+        "gate": gate,
         "base_fused": {"name": base_fused.name, "per_domain": base_all},
     }
     return report, {f: (c.make(lib), c.alpha) for f, c in per_family.items()}

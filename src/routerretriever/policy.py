@@ -5,7 +5,9 @@ dense members (``"__base__"`` and experts): one member with weight 1 is the pape
 several are a mixture, searched in one index search (:mod:`routerretriever.fusion`).
 
 - :class:`PilotPolicy`: the paper's pilots (Algorithm 1) pick one expert; ``base_mix`` moves
-  that much weight onto the base model's vector, a hedge that costs no extra pass.
+  that much weight onto the base model's vector, a hedge that costs no extra pass; queries routed
+  to an expert in ``decline`` (one that did not measurably beat the base model, see
+  :func:`declined_experts`) get the base model's vector instead, which costs no pass at all.
 - :class:`NeighbourPolicy`: each member's expected nDCG@10 is the similarity-weighted mean of
   its scores on the ``k`` nearest training instances; weights are a softmax of those expectations
   over the ``top`` best members (``top = 1``: route to the member expected to score best, which
@@ -16,6 +18,7 @@ Both are pure numpy and save to a folder (safetensors + JSON).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +30,7 @@ from routerretriever.pilots import PilotLibrary
 from routerretriever.router import RULES, Rule, expected_scores, expert_scores
 
 BASE = "__base__"  # the base model as a pool member (same name as encoder.BASE)
+MIN_GATE = 10  # held-out instances an expert needs before it can be kept
 
 
 class Policy(Protocol):
@@ -57,22 +61,28 @@ def _softmax_top(pred: np.ndarray, temperature: float, top: int) -> np.ndarray:
 @dataclass
 class PilotPolicy:
     """One expert by the pilot library (``rule`` as in :func:`routerretriever.router.route`),
-    with ``base_mix`` of the weight moved onto the base model's vector."""
+    with ``base_mix`` of the weight moved onto the base model's vector; a query whose expert is
+    in ``decline`` goes to the base model alone."""
 
     pilots: PilotLibrary
     rule: Rule = "weighted"
     base_mix: float = 0.0
+    decline: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise ValueError(f"unknown routing rule {self.rule!r}; use one of {list(RULES)}")
         if not 0.0 <= self.base_mix <= 1.0:
             raise ValueError(f"base_mix must be in [0, 1], got {self.base_mix}")
+        unknown = sorted(set(self.decline) - set(self.pilots.experts))
+        if unknown:
+            raise ValueError(f"decline names experts without pilots: {unknown}")
+        self.decline = tuple(self.decline)
 
     @property
     def members(self) -> list[str]:
         pool = list(self.pilots.experts)
-        return pool if BASE in pool or self.base_mix == 0 else [*pool, BASE]
+        return pool if BASE in pool or not (self.base_mix or self.decline) else [*pool, BASE]
 
     @property
     def layers(self) -> int | None:
@@ -81,17 +91,27 @@ class PilotPolicy:
     def weights(self, query_emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         scores = expert_scores(query_emb, self.pilots, self.rule)  # (n, T)
         members = self.members
+        best = scores.argmax(axis=1)  # (n,)
         w = np.zeros((len(query_emb), len(members)))  # (n, m)
-        w[np.arange(len(query_emb)), scores.argmax(axis=1)] = 1.0 - self.base_mix
+        w[np.arange(len(query_emb)), best] = 1.0 - self.base_mix
         if self.base_mix:
             w[:, members.index(BASE)] += self.base_mix
+        if self.decline:
+            out = np.isin(best, [members.index(e) for e in self.decline])
+            w[out] = 0.0
+            w[out, members.index(BASE)] = 1.0
         full = np.full((len(query_emb), len(members)), -np.inf)
         full[:, : scores.shape[1]] = scores
         return w, full
 
     def save(self, folder: Path) -> dict[str, Any]:
         self.pilots.save(folder / "pilots")
-        return {"kind": "pilots", "rule": self.rule, "base_mix": self.base_mix}
+        return {
+            "kind": "pilots",
+            "rule": self.rule,
+            "base_mix": self.base_mix,
+            "decline": list(self.decline),
+        }
 
 
 @dataclass
@@ -154,11 +174,43 @@ class NeighbourPolicy:
         }
 
 
+def declined_experts(
+    routed: Sequence[str], gains: np.ndarray, experts: Sequence[str], level: float = 0.05
+) -> tuple[str, ...]:
+    """The experts a :class:`PilotPolicy` should decline: those whose held-out instances routed
+    to them (``routed[i]``, with ``gains[i]`` = the expert's nDCG@10 minus the base model's on
+    instance ``i``, both as the system searches) do not show a positive mean gain at one-sided
+    significance ``level`` (paired t-test; fewer than :data:`MIN_GATE` instances: declined).
+
+    A resemblance router sends most of a domain's queries to that domain's expert whether it
+    helps or not; this keeps an expert only where it measurably pays.
+    """
+    from scipy import stats
+
+    routed_arr = np.asarray(routed)
+    gains = np.asarray(gains, dtype=np.float64)
+    if routed_arr.shape != gains.shape:
+        raise ValueError(f"routed and gains differ in length: {routed_arr.shape} vs {gains.shape}")
+    out = []
+    for e in experts:
+        g = gains[routed_arr == e]
+        if len(g) < MIN_GATE or g.mean() <= 0:
+            out.append(e)
+        elif np.ptp(g) > 1e-12 and stats.ttest_1samp(g, 0.0, alternative="greater").pvalue >= level:
+            out.append(e)  # (a constant positive gain is kept)
+    return tuple(out)
+
+
 def load_policy(folder: Path, spec: dict[str, Any]) -> PilotPolicy | NeighbourPolicy:
     """Inverse of a policy's ``save``: ``spec`` is what it returned."""
     kind = spec.get("kind")
     if kind == "pilots":
-        return PilotPolicy(PilotLibrary.load(folder / "pilots"), spec["rule"], spec["base_mix"])
+        return PilotPolicy(
+            PilotLibrary.load(folder / "pilots"),
+            spec["rule"],
+            spec["base_mix"],
+            tuple(spec.get("decline", ())),
+        )
     if kind == "neighbours":
         from safetensors.numpy import load_file
 

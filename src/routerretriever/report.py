@@ -155,6 +155,27 @@ def _pool_section(pool: dict[str, Any], seen: list[str], unseen: list[str]) -> l
     z = d["zero_shot"]
     b = pool["base_fused"]["per_domain"]
     cols = [*seen, *unseen]
+    gate = pool.get("gate")
+    zero_rows = [
+        [pool["base_fused"]["name"], *(b[x] for x in cols), float(np.mean(list(b.values())))]
+    ]
+    zero_rows.append([d["name"], *(z[x] for x in cols), float(np.mean([z[x] for x in cols]))])
+    gate_lines: list[str] = []
+    if gate:
+        gz = gate["zero_shot"]
+        if gate["name"] != d["name"]:
+            zero_rows.append(
+                [gate["name"], *(gz[x] for x in cols), float(np.mean(list(gz.values())))]
+            )
+        gate_lines = [
+            f"Gated router ({gate['name']}): an expert is kept only if, on the dev instances "
+            "routed to it, it beats the base model (both fused with BM25 at the same weight) "
+            "with a one-sided paired t-test at p < 0.05; its queries otherwise get the base "
+            "model's vector, which costs no expert pass. Dev scores of the gated family are "
+            "cross-fitted (each half of every dev set scored by the gate fitted on the other "
+            "half). Declined on all dev: " + (", ".join(gate["declined"]) or "none") + ".",
+            "",
+        ]
     return [
         "## The pool with a lexical member: every candidate",
         "",
@@ -172,19 +193,10 @@ def _pool_section(pool: dict[str, Any], seen: list[str], unseen: list[str]) -> l
         "",
         _table(header, rows),
         "",
+        *gate_lines,
         "### Zero-shot (own expert and its instances removed; unseen domains with all)",
         "",
-        _table(
-            ["system", *cols, "avg"],
-            [
-                [
-                    pool["base_fused"]["name"],
-                    *(b[x] for x in cols),
-                    float(np.mean([b[x] for x in cols])),
-                ],
-                [d["name"], *(z[x] for x in cols), float(np.mean([z[x] for x in cols]))],
-            ],
-        ),
+        _table(["system", *cols, "avg"], zero_rows),
         "",
         "### Growth: experts added one at a time (default system, average over seen domains)",
         "",
