@@ -84,9 +84,11 @@ def test_the_default_is_chosen_on_dev_and_fast(world):
     cands = candidate_grid("weighted")
     cands = [c for c in cands if c.family in ("base", "pilot", "knn-20-0.02-1", "knn-20-0.02-all")]
     evaluate_candidates(cands, lib, dev, dev)
-    default, best = choose(cands, ["x"])
+    default, best = choose(cands, ["x"], max_cost=1.0)
     assert default.cost <= 1.0
     assert default.dev_mean() == max(c.dev_mean() for c in best.values() if c.cost <= 1.0)
+    fast, _ = choose(cands, ["x"], max_cost=0.5)
+    assert fast.cost <= 0.5
     for fam, c in best.items():  # each family's alpha is its best on the labelled domain
         same = [o for o in cands if o.family == fam]
         assert c.dev_mean(["x"]) == max(o.dev_mean(["x"]) for o in same)

@@ -774,3 +774,72 @@ def test_two_ray_serve_replicas_follow_one_served_set(store_src, tmp_path):
     finally:
         stop(proc)
         subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+
+
+# -- the lexical member in the service --------------------------------------------------------
+
+
+def test_fused_search_mixes_base_into_the_routed_expert_and_fuses_bm25(
+    svc_encoder, store_src, tmp_path
+):
+    from routerretriever.fusion import fuse_scores
+    from routerretriever.lexical import BM25Index
+
+    store = tmp_path / "store"
+    shutil.copytree(store_src, store)
+    corpus = load_beir(TINY).corpus
+    engine = Engine.open(
+        svc_encoder,
+        store,
+        corpus,
+        DOMAINS,
+        experts=["alpha", "beta"],
+        cache_dir=tmp_path / "cache",
+        routing_precision="float32",
+        alpha=0.6,
+        base_mix=0.3,
+    )
+    try:
+        got = engine.search(QUERIES, 10)
+        bm25 = BM25Index.build(corpus)
+        for q, r in zip(QUERIES, got, strict=True):
+            assert r.lexical_weight == pytest.approx(0.4)
+            assert r.members == {r.expert: pytest.approx(0.7), "__base__": pytest.approx(0.3)}
+            mixed = 0.7 * svc_encoder.encode([q], experts=r.expert) + 0.3 * svc_encoder.encode([q])
+            dense = engine.index.search(mixed, 100)[0]
+            want = fuse_scores(dense, bm25.search([q], 100)[0], 0.6, 10)
+            assert [d for d, _ in r.hits] == [d for d, _ in want]
+            np.testing.assert_allclose([s for _, s in r.hits], [s for _, s in want], atol=1e-5)
+    finally:
+        for name in svc_encoder.experts:
+            svc_encoder.remove_adapter(name)
+    with pytest.raises(ValueError, match="give a lexical index"):
+        Engine(svc_encoder, store, engine.index, alpha=0.5)
+
+
+def test_milvus_full_text_search_serves_the_lexical_side(encoder, tmp_path):
+    pytest.importorskip("milvus_lite")
+    from routerretriever.index import MilvusIndex
+    from routerretriever.lexical import BM25Config, BM25Index
+    from routerretriever.serving import corpus_index, lexical_index
+
+    corpus = load_beir(TINY).corpus
+    uri = str(tmp_path / "m.db")
+    # Unstemmed, so that Milvus Lite (which ignores the stemmer filter) and a server agree.
+    config = BM25Config(stemmer=None)
+    index = corpus_index(
+        encoder, corpus, backend="milvus", milvus_uri=uri, cache_dir=tmp_path, bm25=config
+    )
+    assert isinstance(index, MilvusIndex) and index.text
+    milvus = lexical_index(index, corpus, config)
+    local = BM25Index.build(corpus, config)
+    for q in [*QUERIES, "the cancer at risk"]:
+        m, b = milvus.search([q], 10)[0], local.search([q], 10)[0]
+        assert [d for d, _ in m] == [d for d, _ in b]  # bm25s's Lucene BM25 ranks the same
+        # and scores alike up to Lucene 8's dropped constant (k1 + 1), which min-max fusion
+        # ignores (within 1%: Milvus counts document lengths its own way).
+        np.testing.assert_allclose([s for _, s in m], [2.5 * s for _, s in b], rtol=1e-2)
+    assert milvus.search(["zzqx unknownword"], 5) == [[]]  # lexically silent, as bm25s
+    # A dense-only collection of this corpus is not mistaken for one with text.
+    with pytest.raises(ValueError, match="no full-text"):
+        MilvusIndex(uri, encoder.dim, collection=index.collection + "_x").lexical()

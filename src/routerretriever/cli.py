@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from routerretriever.errors import RouterRetrieverError
@@ -206,6 +206,23 @@ class TrainDefaults:
         self.train, self.lora = TrainConfig(), ExpertConfig()
 
 
+def _unit_float(flag: str) -> Callable[[str], float]:
+    """argparse type: a number in [0, 1], or a message naming ``flag``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{flag} must be a number, got {text[:40]!r}"
+            ) from None
+        if not 0.0 <= value <= 1.0:
+            raise argparse.ArgumentTypeError(f"{flag} must be in [0, 1], got {value}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="routerretriever", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -397,6 +414,20 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--rule", choices=["mean", "weighted", "nearest"], default="weighted")
+    sv.add_argument(
+        "--alpha",
+        type=_unit_float("--alpha"),
+        default=0.5,
+        help="the dense side's weight when fused with BM25 (1: dense only; default 0.5, the "
+        "experiment's dev choice, docs/results.md); with --index milvus, Milvus's own BM25",
+    )
+    sv.add_argument(
+        "--base-mix",
+        type=_unit_float("--base-mix"),
+        default=0.3,
+        help="share of the base model's query vector mixed into the routed expert's (0: the "
+        "paper's hard routing; default 0.3, the experiment's dev choice; costs no extra pass)",
+    )
     sv.add_argument("--routing-precision", choices=["auto", "float32", "bfloat16"], default="auto")
     sv.add_argument("--model", default=None, help="base model folder or hub id")
     sv.add_argument("--cache-dir", type=Path, default=None)
@@ -480,6 +511,8 @@ def _serve_replicas(args: argparse.Namespace, api_key: str | None, admin: bool) 
         cache_dir=args.cache_dir.resolve() if args.cache_dir else None,
         rule=args.rule,
         routing_precision=args.routing_precision,
+        alpha=args.alpha,
+        base_mix=args.base_mix,
         limits=(args.max_queries, args.max_query_chars, args.max_k),
         batch_window_ms=args.batch_window_ms,
         max_batch_queries=args.max_batch_queries,
@@ -506,6 +539,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from routerretriever.data import load_corpus
     from routerretriever.encoder import Encoder
+    from routerretriever.lexical import BM25Config
     from routerretriever.service import create_app, guarded_http_protocol
     from routerretriever.serving import DomainSource, Engine, Limits, corpus_index
 
@@ -542,6 +576,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         milvus_uri=args.milvus_uri,
         cache_dir=args.cache_dir,
         embedder=embedder,
+        bm25=BM25Config() if args.alpha < 1 else None,
     )
     engine = Engine.open(
         encoder,
@@ -553,6 +588,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         rule=args.rule,
         routing_precision=args.routing_precision,
         cache_dir=args.cache_dir,
+        alpha=args.alpha,
+        base_mix=args.base_mix,
     )
     app = create_app(
         engine,

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -87,6 +87,15 @@ def tokenize(texts: Sequence[str], config: BM25Config) -> list[list[str]]:
         show_progress=False,
     )
     return [list(words) for words in out]
+
+
+class LexicalIndex(Protocol):
+    """What fusion needs of a lexical backend: :class:`BM25Index`, or a Milvus collection's own
+    BM25 full-text search (:meth:`routerretriever.index.MilvusIndex.lexical`)."""
+
+    def search(
+        self, queries: Sequence[str], k: int, exclude_ids: Sequence[str | None] | None = None
+    ) -> list[Hits]: ...
 
 
 class BM25Index:

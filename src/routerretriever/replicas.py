@@ -38,6 +38,8 @@ class ServeSpec:
     cache_dir: Path | None = None
     rule: str = "weighted"
     routing_precision: str = "auto"
+    alpha: float = 1.0
+    base_mix: float = 0.0
     limits: tuple[int, int, int] = (64, 2000, 100)  # queries, characters, k
     batch_window_ms: float = 0.0
     max_batch_queries: int = 256
@@ -51,13 +53,19 @@ def build_app(spec: ServeSpec) -> Any:
     """One replica's app: its engine serving the store's saved set, kept in sync with it."""
     from routerretriever.data import load_corpus
     from routerretriever.encoder import Encoder
+    from routerretriever.lexical import BM25Config
     from routerretriever.service import create_app
     from routerretriever.serving import DomainSource, Engine, Limits, corpus_index
 
     encoder = Encoder.load(spec.model)
     corpus = load_corpus(spec.corpus)
     index = corpus_index(
-        encoder, corpus, backend=spec.index, milvus_uri=spec.milvus_uri, cache_dir=spec.cache_dir
+        encoder,
+        corpus,
+        backend=spec.index,
+        milvus_uri=spec.milvus_uri,
+        cache_dir=spec.cache_dir,
+        bm25=BM25Config() if spec.alpha < 1 else None,
     )
     engine = Engine.open(
         encoder,
@@ -68,6 +76,8 @@ def build_app(spec: ServeSpec) -> Any:
         rule=spec.rule,  # type: ignore[arg-type]
         routing_precision=spec.routing_precision,  # type: ignore[arg-type]
         cache_dir=spec.cache_dir,
+        alpha=spec.alpha,
+        base_mix=spec.base_mix,
     )
 
     def follow() -> None:

@@ -155,25 +155,28 @@ def _pool_section(pool: dict[str, Any], seen: list[str], unseen: list[str]) -> l
     z = d["zero_shot"]
     b = pool["base_fused"]["per_domain"]
     cols = [*seen, *unseen]
-    gate = pool.get("gate")
     zero_rows = [
-        [pool["base_fused"]["name"], *(b[x] for x in cols), float(np.mean(list(b.values())))]
+        [pool["base_fused"]["name"], *(b[x] for x in cols), float(np.mean([b[x] for x in cols]))],
+        [d["name"], *(z[x] for x in cols), float(np.mean([z[x] for x in cols]))],
     ]
-    zero_rows.append([d["name"], *(z[x] for x in cols), float(np.mean([z[x] for x in cols]))])
-    gate_lines: list[str] = []
-    if gate:
-        gz = gate["zero_shot"]
-        if gate["name"] != d["name"]:
+    gates = pool.get("gates", [])
+    for g in gates:
+        if g["name"] != d["name"]:
+            gz = g["zero_shot"]
             zero_rows.append(
-                [gate["name"], *(gz[x] for x in cols), float(np.mean(list(gz.values())))]
+                [g["name"], *(gz[x] for x in cols), float(np.mean([gz[x] for x in cols]))]
             )
+    gate_lines: list[str] = []
+    if gates:
         gate_lines = [
-            f"Gated router ({gate['name']}): an expert is kept only if, on the dev instances "
-            "routed to it, it beats the base model (both fused with BM25 at the same weight) "
-            "with a one-sided paired t-test at p < 0.05; its queries otherwise get the base "
-            "model's vector, which costs no expert pass. Dev scores of the gated family are "
-            "cross-fitted (each half of every dev set scored by the gate fitted on the other "
-            "half). Declined on all dev: " + (", ".join(gate["declined"]) or "none") + ".",
+            "Gated routers: an expert is kept only if, on the dev instances routed to it, it "
+            "beats the base model (both fused with BM25 at the same weight) with a one-sided "
+            "paired t-test at p < 0.05; its queries otherwise get the base model's vector, which "
+            "costs no expert pass. Dev scores of gated families are cross-fitted (each half of "
+            "every dev set scored by the gate fitted on the other half). Declined, fitted on all "
+            "dev: "
+            + "; ".join(f"{g['name']}: {', '.join(g['declined']) or 'none'}" for g in gates)
+            + ".",
             "",
         ]
     return [
@@ -185,7 +188,7 @@ def _pool_section(pool: dict[str, Any], seen: list[str], unseen: list[str]) -> l
         + ", ".join(lab)
         + " (real queries; the lexical weight of each family is chosen there); dev (all): "
         "mean over every domain's dev instances (the family is chosen there, among those "
-        "needing at most one expert pass per query). passes: expert passes per query beyond "
+        f"needing at most {pool.get('max_passes', 1.0)} expert passes per query). passes: expert passes per query beyond "
         "the routing pass, on dev. Lexical weight each family would get if chosen on all dev "
         "instances, pseudo-queries included: "
         + ", ".join(f"{f} {a}" for f, a in pool["alpha_if_chosen_on_all_dev"].items())

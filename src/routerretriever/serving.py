@@ -36,9 +36,17 @@ from routerretriever.encoder import BASE, Encoder
 from routerretriever.errors import ModelError, RouterRetrieverError
 from routerretriever.experts import ExpertInfo, check_folder, check_name
 from routerretriever.files import atomic_write, default_cache_dir
+from routerretriever.fusion import fuse_scores
 from routerretriever.index import FaissIndex, Hits, VectorIndex
+from routerretriever.lexical import BM25Config, BM25Index, LexicalIndex
 from routerretriever.pilots import DomainInstances, PilotLibrary, build_pilots
-from routerretriever.retriever import RouterRetriever, RoutingPrecision, per_query_ndcg
+from routerretriever.policy import PilotPolicy
+from routerretriever.retriever import (
+    FUSION_DEPTH,
+    RouterRetriever,
+    RoutingPrecision,
+    per_query_ndcg,
+)
 from routerretriever.router import RouteDecision, Rule
 from routerretriever.store import embed_corpus
 
@@ -147,14 +155,17 @@ def corpus_index(
     cache_dir: str | Path | None = None,
     embedder: Callable[[Corpus], np.ndarray] | None = None,
     batch_size: int = 32,
+    bm25: BM25Config | None = None,
 ) -> VectorIndex:
     """The shared index of ``corpus``'s base-model embeddings: FAISS in process, or Milvus.
 
     A Milvus collection is named after the base model and the corpus fingerprints, so a restart
     against a Milvus that already holds this corpus reuses it instead of inserting it again; a
-    collection left incomplete (e.g. by a killed start) is rebuilt.
+    collection left incomplete (e.g. by a killed start) is rebuilt. With ``bm25`` a Milvus
+    collection also holds the texts and Milvus's own BM25 full-text index (see
+    :func:`lexical_index`); FAISS ignores it.
     """
-    from routerretriever.index import MilvusIndex
+    from routerretriever.index import MilvusIndex, milvus_analyzer
     from routerretriever.store import corpus_fingerprint
 
     def embeddings() -> tuple[list[str], np.ndarray]:
@@ -168,13 +179,39 @@ def corpus_index(
     if backend != "milvus" or not milvus_uri:
         raise ValueError(f"index backend must be 'faiss' or 'milvus' with a URI, got {backend!r}")
     name = f"rr_{encoder.fingerprint}_{corpus_fingerprint(corpus)}"
-    index = MilvusIndex(milvus_uri, encoder.dim, collection=name)
+    text: dict[str, Any] = {}
+    if bm25 is not None:
+        name += f"_bm25_{bm25.fingerprint}"
+        text = {
+            "text": True,
+            "k1": bm25.k1,
+            "b": bm25.b,
+            "analyzer": milvus_analyzer(bm25.stemmer, bm25.stopwords),
+        }
+    index = MilvusIndex(milvus_uri, encoder.dim, collection=name, **text)
     if len(index) == len(corpus):
         logger.info("re-using Milvus collection %s (%d documents)", name, len(corpus))
         return index
-    index = MilvusIndex(milvus_uri, encoder.dim, collection=name, overwrite=True)
-    index.add(*embeddings())
+    index = MilvusIndex(milvus_uri, encoder.dim, collection=name, overwrite=True, **text)
+    ids, emb = embeddings()
+    index.add(ids, emb, [corpus[i].full_text for i in ids] if bm25 is not None else None)
     return index
+
+
+def lexical_index(
+    index: VectorIndex,
+    corpus: Corpus,
+    bm25: BM25Config | None = None,
+    cache_dir: str | Path | None = None,
+) -> LexicalIndex:
+    """The lexical side beside ``index``: a Milvus collection's own BM25 full-text search when
+    it has one (built by :func:`corpus_index` with ``bm25``), else a :class:`BM25Index` of
+    ``corpus`` (cached on disk)."""
+    from routerretriever.index import MilvusIndex
+
+    if isinstance(index, MilvusIndex) and index.text:
+        return index.lexical()
+    return BM25Index.cached(corpus, bm25 or BM25Config(), cache_dir)
 
 
 class Engine:
@@ -201,7 +238,17 @@ class Engine:
         max_instances: int = 300,
         seed: int = 0,
         batch_size: int = 32,
+        alpha: float = 1.0,
+        base_mix: float = 0.0,
+        lexical: LexicalIndex | None = None,
     ) -> None:
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha (the dense side's weight) must be in [0, 1], got {alpha}")
+        if not 0.0 <= base_mix <= 1.0:
+            raise ValueError(f"base_mix must be in [0, 1], got {base_mix}")
+        if alpha < 1.0 and lexical is None:
+            raise ValueError("alpha < 1 fuses BM25: give a lexical index (see lexical_index)")
+        self.alpha, self.base_mix, self.lexical = float(alpha), float(base_mix), lexical
         self.encoder = encoder
         self.store = Path(store).resolve()
         if not self.store.is_dir():
@@ -234,11 +281,13 @@ class Engine:
         *,
         index: VectorIndex | None = None,
         experts: Sequence[str] | None = None,
+        bm25: BM25Config | None = None,
         **kwargs: Any,
     ) -> Engine:
         """Index ``corpus`` (unless ``index`` is given) and serve ``experts`` (folders relative to
         the store) when given, which then replace the saved set; else the experts of the last run
-        (``STORE/.served.json``); else none."""
+        (``STORE/.served.json``); else none. With ``alpha < 1`` the dense ranking is fused with
+        BM25 (``bm25`` settings; see :func:`lexical_index`)."""
         if index is None:
             index = corpus_index(
                 encoder,
@@ -246,6 +295,8 @@ class Engine:
                 cache_dir=kwargs.get("cache_dir"),
                 batch_size=kwargs.get("batch_size", 32),
             )
+        if kwargs.get("alpha", 1.0) < 1.0 and kwargs.get("lexical") is None:
+            kwargs["lexical"] = lexical_index(index, corpus, bm25, kwargs.get("cache_dir"))
         engine = cls(encoder, store, index, domains, **kwargs)
         state = engine.store / SERVED
         saved: dict[str, str] | None = None
@@ -309,10 +360,17 @@ class Engine:
             router = self._router
             if router is None:
                 emb = self.encoder.encode(texts, batch_size=self.batch_size, show_progress=False)
-                decisions = [RouteDecision(BASE, {}) for _ in texts]
+                lexical_weight = round(1.0 - self.alpha, 6)
+                decisions = [RouteDecision(BASE, {}, {BASE: 1.0}, lexical_weight) for _ in texts]
             else:
                 emb, decisions = router.route_and_encode(texts)
-        hits = self.index.search(emb, k)
+        if self.lexical is None or self.alpha >= 1.0:
+            hits = self.index.search(emb, k)
+        else:  # each side's top FUSION_DEPTH, fused by normalised score
+            depth = max(k, FUSION_DEPTH)
+            dense = self.index.search(emb, depth)
+            lexical = self.lexical.search(texts, depth)
+            hits = [fuse_scores(d, x, self.alpha, k) for d, x in zip(dense, lexical, strict=True)]
         return [
             SearchResult(h, d.expert, d.scores, d.members, d.lexical_weight)
             for h, d in zip(hits, decisions, strict=True)
@@ -495,8 +553,8 @@ class Engine:
             if lib is None
             else RouterRetriever(
                 self.encoder,
-                lib,
-                rule=self.rule,
+                policy=PilotPolicy(lib, self.rule, self.base_mix),
+                alpha=self.alpha,
                 routing_precision=self.routing_precision,
                 batch_size=self.batch_size,
                 show_progress=False,
