@@ -7,6 +7,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,7 +16,9 @@ import numpy as np
 import pytest
 
 from routerretriever import load_beir
-from routerretriever.serving import SERVED, DomainSource, Engine, Limits, MicroBatcher
+from routerretriever.batching import Limits, MicroBatcher
+from routerretriever.instances import Domain
+from routerretriever.serving import SERVED, Engine
 from tests.conftest import TINY
 
 pytest.importorskip("fastapi")
@@ -30,7 +33,7 @@ QUERIES = [
     "heart attack risk",
     "boundary layer transition",
 ]
-DOMAINS = [DomainSource("tiny", TINY, "corpus")]
+DOMAINS = [Domain("tiny", TINY, "corpus")]
 
 
 @pytest.fixture(scope="module")
@@ -420,7 +423,7 @@ def test_search_answers_equal_with_faiss_and_milvus_lite(engine, tmp_path):
 
 def test_a_milvus_collection_of_the_same_corpus_is_reused(encoder, tmp_path):
     pytest.importorskip("milvus_lite")
-    from routerretriever.serving import corpus_index
+    from routerretriever.store import corpus_index
 
     corpus = load_beir(TINY).corpus
     calls = []
@@ -530,13 +533,33 @@ def test_load_with_live_expert_changes_on_loopback_has_no_errors(store_src, tmp_
     assert {r["expert"] for r in after["results"]} == {"beta"}
 
 
+def start_slow_add_server(store: Path, cache: Path):
+    import httpx
+
+    from benchmarks.service_load import _free_port
+
+    port = _free_port()
+    script = Path(__file__).with_name("slow_add_server.py")
+    args = [str(store), str(TINY), str(cache), str(port)]
+    proc = subprocess.Popen([sys.executable, str(script), *args], cwd=script.parent.parent)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("the slow-add server did not start")
+
+
 def test_killed_while_adding_an_expert_restarts_consistent(store_src, tmp_path):
     import httpx
 
     store, cache = tmp_path / "store", tmp_path / "cache"
     shutil.copytree(store_src, store)
-    delay = {"ROUTERRETRIEVER_TEST_ADD_DELAY": "60"}  # the add waits before it commits
-    proc, url = start_server(store, cache, delay, "--expert", "alpha")
+    proc, url = start_slow_add_server(store, cache)  # an add waits a minute before it commits
     scores = list((cache / "scores").glob("*.npz"))
 
     def add_beta() -> None:
@@ -821,7 +844,7 @@ def test_milvus_full_text_search_serves_the_lexical_side(encoder, tmp_path):
     pytest.importorskip("milvus_lite")
     from routerretriever.index import MilvusIndex
     from routerretriever.lexical import BM25Config, BM25Index
-    from routerretriever.serving import corpus_index, lexical_index
+    from routerretriever.store import corpus_index, lexical_index
 
     corpus = load_beir(TINY).corpus
     uri = str(tmp_path / "m.db")

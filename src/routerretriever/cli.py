@@ -537,13 +537,16 @@ def _serve_replicas(args: argparse.Namespace, api_key: str | None, admin: bool) 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from routerretriever.batching import Limits
     from routerretriever.data import load_corpus
     from routerretriever.encoder import Encoder
+    from routerretriever.instances import Domain
     from routerretriever.lexical import BM25Config
     from routerretriever.service import create_app, guarded_http_protocol
-    from routerretriever.serving import DomainSource, Engine, Limits, corpus_index
+    from routerretriever.serving import Engine
+    from routerretriever.store import corpus_index
 
-    domains = [DomainSource.parse(d) for d in args.domain]  # fail before loading anything
+    domains = [Domain.parse(d) for d in args.domain]  # fail before loading anything
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     loopback = args.host in ("127.0.0.1", "localhost", "::1") or args.host.startswith("127.")
     admin = bool(api_key) or loopback or args.allow_unauthenticated_admin

@@ -51,11 +51,14 @@ class ServeSpec:
 
 def build_app(spec: ServeSpec) -> Any:
     """One replica's app: its engine serving the store's saved set, kept in sync with it."""
+    from routerretriever.batching import Limits
     from routerretriever.data import load_corpus
     from routerretriever.encoder import Encoder
+    from routerretriever.instances import Domain
     from routerretriever.lexical import BM25Config
     from routerretriever.service import create_app
-    from routerretriever.serving import DomainSource, Engine, Limits, corpus_index
+    from routerretriever.serving import Engine
+    from routerretriever.store import corpus_index
 
     encoder = Encoder.load(spec.model)
     corpus = load_corpus(spec.corpus)
@@ -71,7 +74,7 @@ def build_app(spec: ServeSpec) -> Any:
         encoder,
         spec.store,
         corpus,
-        [DomainSource.parse(d) for d in spec.domains],
+        [Domain.parse(d) for d in spec.domains],
         index=index,
         rule=spec.rule,  # type: ignore[arg-type]
         routing_precision=spec.routing_precision,  # type: ignore[arg-type]

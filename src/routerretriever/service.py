@@ -20,7 +20,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, StrictInt, StrictStr
 from starlette.requests import Request  # at module level: FastAPI resolves annotations here
 
-from routerretriever.serving import Engine, Limits, MicroBatcher, RequestError
+from routerretriever.batching import Limits, MicroBatcher, RequestError
+from routerretriever.serving import Engine
 
 
 class SearchRequest(BaseModel):

@@ -13,110 +13,38 @@ fully served or absent.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import queue
-import random
 import threading
-import time
-import zipfile
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from routerretriever.batching import RequestError
 from routerretriever.data import Corpus
 from routerretriever.encoder import BASE, Encoder
-from routerretriever.errors import ModelError, RouterRetrieverError
+from routerretriever.errors import ModelError
 from routerretriever.experts import ExpertInfo, check_folder, check_name
 from routerretriever.files import atomic_write, default_cache_dir
 from routerretriever.fusion import fuse_scores
-from routerretriever.index import FaissIndex, Hits, VectorIndex
-from routerretriever.lexical import BM25Config, BM25Index, LexicalIndex
-from routerretriever.pilots import DomainInstances, PilotLibrary, build_pilots
+from routerretriever.index import Hits, VectorIndex
+from routerretriever.instances import Domain, InstanceScorer
+from routerretriever.lexical import BM25Config, LexicalIndex
+from routerretriever.pilots import PilotLibrary, build_pilots
 from routerretriever.policy import PilotPolicy
-from routerretriever.retriever import (
-    FUSION_DEPTH,
-    RouterRetriever,
-    RoutingPrecision,
-    per_query_ndcg,
-)
+from routerretriever.retriever import FUSION_DEPTH, RouterRetriever, RoutingPrecision
 from routerretriever.router import RouteDecision, Rule
-from routerretriever.store import embed_corpus
+from routerretriever.store import corpus_index, lexical_index
 
 logger = logging.getLogger(__name__)
 
 SERVED = ".served.json"  # the served experts, in the store folder
 MAX_PATH_CHARS = 1024  # an expert path longer than this is refused before touching the disk
-#: Testing hook: seconds an add waits after scoring, before it commits (to kill it there).
-_ADD_DELAY_ENV = "ROUTERRETRIEVER_TEST_ADD_DELAY"
-
-
-class RequestError(RouterRetrieverError):
-    """A request the engine refuses; ``status`` is the HTTP status the service answers with."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Per-request limits; requests beyond them are refused with a clear message."""
-
-    max_queries: int = 64
-    max_query_chars: int = 2000
-    max_k: int = 100
-
-    def check(self, queries: Sequence[str], k: int) -> None:
-        if not queries:
-            raise RequestError("queries must hold at least one query")
-        if len(queries) > self.max_queries:
-            raise RequestError(
-                f"too many queries: {len(queries)} > {self.max_queries} per request", 413
-            )
-        for i, q in enumerate(queries):
-            if not isinstance(q, str):
-                raise RequestError(f"queries[{i}] must be a string, got {type(q).__name__}", 422)
-            if not q.strip():
-                raise RequestError(f"queries[{i}] is empty")
-            try:
-                q.encode("utf-8")
-            except UnicodeEncodeError:
-                raise RequestError(
-                    f"queries[{i}] is not valid text: it holds a lone surrogate"
-                ) from None
-            if len(q) > self.max_query_chars:
-                raise RequestError(
-                    f"queries[{i}] is too long: {len(q)} > {self.max_query_chars} characters", 413
-                )
-        if not 1 <= k <= self.max_k:
-            raise RequestError(f"k must be between 1 and {self.max_k}, got {k}")
-
-
-@dataclass(frozen=True)
-class DomainSource:
-    """Where a domain's pilot instances come from: a BEIR folder's labelled ``split``, or
-    pseudo-queries of its corpus (``split="corpus"``), judged against that folder's corpus."""
-
-    name: str
-    path: Path
-    split: str = "train"
-
-    @classmethod
-    def parse(cls, spec: str) -> DomainSource:
-        """``NAME=DIR`` or ``NAME=DIR:SPLIT`` (SPLIT a qrels split name, or ``corpus``)."""
-        name, sep, rest = spec.partition("=")
-        if not sep or not name or not rest:
-            raise ValueError(f"domain {spec!r}: expected NAME=DIR or NAME=DIR:SPLIT")
-        path, _, split = rest.rpartition(":") if ":" in rest else (rest, "", "train")
-        return cls(name, Path(path), split or "train")
 
 
 @dataclass
@@ -130,97 +58,13 @@ class SearchResult:
     lexical_weight: float = 0.0
 
 
-@dataclass
-class _Domain:
-    source: DomainSource
-    queries: dict[str, str]
-    qrels: dict[str, dict[str, int]]
-    fingerprint: str
-    index: FaissIndex
-
-
-def _digest_files(folder: Path, names: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for name in names:
-        h.update(name.encode() + b"\0" + (folder / name).read_bytes())
-    return h.hexdigest()[:16]
-
-
-def corpus_index(
-    encoder: Encoder,
-    corpus: Corpus,
-    *,
-    backend: str = "faiss",
-    milvus_uri: str | None = None,
-    cache_dir: str | Path | None = None,
-    embedder: Callable[[Corpus], np.ndarray] | None = None,
-    batch_size: int = 32,
-    bm25: BM25Config | None = None,
-) -> VectorIndex:
-    """The shared index of ``corpus``'s base-model embeddings: FAISS in process, or Milvus.
-
-    A Milvus collection is named after the base model and the corpus fingerprints, so a restart
-    against a Milvus that already holds this corpus reuses it instead of inserting it again; a
-    collection left incomplete (e.g. by a killed start) is rebuilt. With ``bm25`` a Milvus
-    collection also holds the texts and Milvus's own BM25 full-text index (see
-    :func:`lexical_index`); FAISS ignores it.
-    """
-    from routerretriever.index import MilvusIndex, milvus_analyzer
-    from routerretriever.store import corpus_fingerprint
-
-    def embeddings() -> tuple[list[str], np.ndarray]:
-        emb = embed_corpus(
-            encoder, corpus, cache_dir=cache_dir, batch_size=batch_size, embedder=embedder
-        )
-        return emb.ids, emb.embeddings
-
-    if backend == "faiss":
-        return FaissIndex.from_embeddings(*embeddings())
-    if backend != "milvus" or not milvus_uri:
-        raise ValueError(f"index backend must be 'faiss' or 'milvus' with a URI, got {backend!r}")
-    name = f"rr_{encoder.fingerprint}_{corpus_fingerprint(corpus)}"
-    text: dict[str, Any] = {}
-    if bm25 is not None:
-        name += f"_bm25_{bm25.fingerprint}"
-        text = {
-            "text": True,
-            "k1": bm25.k1,
-            "b": bm25.b,
-            "analyzer": milvus_analyzer(bm25.stemmer, bm25.stopwords),
-        }
-    index = MilvusIndex(milvus_uri, encoder.dim, collection=name, **text)
-    if len(index) == len(corpus):
-        logger.info("re-using Milvus collection %s (%d documents)", name, len(corpus))
-        return index
-    index = MilvusIndex(milvus_uri, encoder.dim, collection=name, overwrite=True, **text)
-    ids, emb = embeddings()
-    index.add(ids, emb, [corpus[i].full_text for i in ids] if bm25 is not None else None)
-    return index
-
-
-def lexical_index(
-    index: VectorIndex,
-    corpus: Corpus,
-    bm25: BM25Config | None = None,
-    cache_dir: str | Path | None = None,
-) -> LexicalIndex:
-    """The lexical side beside ``index``: a Milvus collection's own BM25 full-text search when
-    it has one (built by :func:`corpus_index` with ``bm25``), else a :class:`BM25Index` of
-    ``corpus`` (cached on disk)."""
-    from routerretriever.index import MilvusIndex
-
-    if isinstance(index, MilvusIndex) and index.text:
-        return index.lexical()
-    return BM25Index.cached(corpus, bm25 or BM25Config(), cache_dir)
-
-
 class Engine:
     """The shared index, the base encoder and the served experts, searchable from many threads.
 
     Example::
 
         engine = Engine.open(Encoder.load(), "store/", corpus,
-                             domains=[DomainSource("scifact", Path("beir/scifact"))])
+                             domains=[Domain("scifact", Path("beir/scifact"))])
         engine.search(["statins and cancer"], k=5)[0].expert
         engine.add_expert("nfcorpus")          # a folder inside the store: live, no training
     """
@@ -230,7 +74,7 @@ class Engine:
         encoder: Encoder,
         store: str | Path,
         index: VectorIndex,
-        domains: Sequence[DomainSource] = (),
+        domains: Sequence[Domain] = (),
         *,
         rule: Rule = "weighted",
         routing_precision: RoutingPrecision = "auto",
@@ -241,6 +85,7 @@ class Engine:
         alpha: float = 1.0,
         base_mix: float = 0.0,
         lexical: LexicalIndex | None = None,
+        before_commit: Callable[[], None] | None = None,
     ) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha (the dense side's weight) must be in [0, 1], got {alpha}")
@@ -249,6 +94,9 @@ class Engine:
         if alpha < 1.0 and lexical is None:
             raise ValueError("alpha < 1 fuses BM25: give a lexical index (see lexical_index)")
         self.alpha, self.base_mix, self.lexical = float(alpha), float(base_mix), lexical
+        #: Called by an add once the new library is built, before it is recorded (tests kill
+        #: the server there).
+        self.before_commit = before_commit
         self.encoder = encoder
         self.store = Path(store).resolve()
         if not self.store.is_dir():
@@ -263,9 +111,13 @@ class Engine:
         self.batch_size = batch_size
         self.served: dict[str, str] = {}  # name -> folder relative to the store
         self.infos: dict[str, ExpertInfo] = {}
-        self._domains: dict[str, _Domain] = {}
-        self._scores: dict[tuple[str, str], np.ndarray] = {}  # (model, domain) -> (n,)
-        self._instance_emb: dict[str, np.ndarray] = {}
+        self.scorer = InstanceScorer(
+            encoder,
+            cache_dir=self.cache_dir,
+            max_instances=max_instances,
+            seed=seed,
+            batch_size=batch_size,
+        )
         self._router: RouterRetriever | None = None
         self.pilots: PilotLibrary | None = None
         self._model_lock = threading.Lock()  # held while a batch or a swap uses the experts
@@ -277,27 +129,37 @@ class Engine:
         encoder: Encoder,
         store: str | Path,
         corpus: Corpus,
-        domains: Sequence[DomainSource] = (),
+        domains: Sequence[Domain] = (),
         *,
         index: VectorIndex | None = None,
         experts: Sequence[str] | None = None,
         bm25: BM25Config | None = None,
-        **kwargs: Any,
+        cache_dir: str | Path | None = None,
+        batch_size: int = 32,
+        alpha: float = 1.0,
+        lexical: LexicalIndex | None = None,
+        **options: Any,
     ) -> Engine:
         """Index ``corpus`` (unless ``index`` is given) and serve ``experts`` (folders relative to
         the store) when given, which then replace the saved set; else the experts of the last run
         (``STORE/.served.json``); else none. With ``alpha < 1`` the dense ranking is fused with
-        BM25 (``bm25`` settings; see :func:`lexical_index`)."""
+        BM25 (``bm25`` settings; see :func:`routerretriever.store.lexical_index`). ``options``
+        are :class:`Engine`'s other keyword arguments."""
         if index is None:
-            index = corpus_index(
-                encoder,
-                corpus,
-                cache_dir=kwargs.get("cache_dir"),
-                batch_size=kwargs.get("batch_size", 32),
-            )
-        if kwargs.get("alpha", 1.0) < 1.0 and kwargs.get("lexical") is None:
-            kwargs["lexical"] = lexical_index(index, corpus, bm25, kwargs.get("cache_dir"))
-        engine = cls(encoder, store, index, domains, **kwargs)
+            index = corpus_index(encoder, corpus, cache_dir=cache_dir, batch_size=batch_size)
+        if alpha < 1.0 and lexical is None:
+            lexical = lexical_index(index, corpus, bm25, cache_dir)
+        engine = cls(
+            encoder,
+            store,
+            index,
+            domains,
+            cache_dir=cache_dir,
+            batch_size=batch_size,
+            alpha=alpha,
+            lexical=lexical,
+            **options,
+        )
         state = engine.store / SERVED
         saved: dict[str, str] | None = None
         if state.is_file():
@@ -319,7 +181,7 @@ class Engine:
         else:
             served = saved or {}
         for source in engine.sources:  # bad domain data fails now, not at the first add
-            engine._domain(source)
+            engine.scorer.instance_set(source)
         with engine._admin_lock:
             for name, rel in served.items():
                 engine._load(rel, name)
@@ -538,11 +400,10 @@ class Engine:
                 raise RequestError(
                     "no domains configured: the pilot library needs domain instances", 409
                 )
-            insts = [self._instances(d, names) for d in self.sources]
+            insts = [self.scorer.instances(d, names) for d in self.sources]
             lib = build_pilots(insts, names)
-        delay = float(os.environ.get(_ADD_DELAY_ENV, "0") or 0)
-        if delay and adding:
-            time.sleep(delay)
+        if adding and self.before_commit is not None:
+            self.before_commit()
         if write:
             atomic_write(
                 self.store / SERVED,
@@ -563,159 +424,3 @@ class Engine:
         with self._model_lock:
             self._router, self.pilots, self.served = router, lib, dict(served)
         logger.info("serving %d experts: %s", len(names), names)
-
-    # -- scoring (cached) --------------------------------------------------------------------------
-
-    def _domain(self, source: DomainSource) -> _Domain:
-        if source.name not in self._domains:
-            from routerretriever.training import load_training_set
-
-            ts = load_training_set(
-                self.encoder,
-                source.path,
-                split=None if source.split == "corpus" else source.split,
-                from_corpus=source.split == "corpus",
-                cache_dir=self.cache_dir,
-                seed=self.seed,
-            )
-            qids = sorted(q for q in ts.qrels if q in ts.queries)
-            random.Random(self.seed).shuffle(qids)
-            qids = sorted(qids[: self.max_instances])
-            queries = {q: ts.queries[q] for q in qids}
-            qrels = {q: ts.qrels[q] for q in qids}
-            fp = hashlib.sha256(
-                json.dumps([ts.fingerprint, queries, qrels], sort_keys=True).encode()
-            ).hexdigest()[:16]
-            index = FaissIndex.from_embeddings(ts.doc_ids, ts.doc_emb)
-            self._domains[source.name] = _Domain(source, queries, qrels, fp, index)
-        return self._domains[source.name]
-
-    def _model_key(self, model: str) -> str:
-        if model == BASE:
-            return "base-" + self.encoder.fingerprint
-        folder = self.encoder.expert_dirs[model]
-        return _digest_files(folder, ["adapter_config.json", "adapter_model.safetensors"])
-
-    def _score(self, model: str, dom: _Domain) -> tuple[np.ndarray, np.ndarray]:
-        """Per-instance nDCG@10 of ``model`` on a domain and the query embeddings, cached."""
-        path = (
-            self.cache_dir
-            / "scores"
-            / f"{self._model_key(model)}-{self.encoder.fingerprint}-{dom.fingerprint}.npz"
-        )
-        if path.is_file():
-            try:
-                with np.load(path, allow_pickle=False) as f:
-                    return f["ndcg"], f["emb"]
-            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-                logger.warning("%s: unreadable score cache; recomputing", path)
-        ndcg, q_emb = per_query_ndcg(
-            self.encoder, model, dom.index, dom.queries, dom.qrels, self.batch_size
-        )
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, ndcg=ndcg, emb=q_emb)
-
-        atomic_write(path, write)
-        return ndcg, q_emb
-
-    def _instances(self, source: DomainSource, experts: Sequence[str]) -> DomainInstances:
-        dom = self._domain(source)
-        if source.name not in self._instance_emb:
-            self._scores[(BASE, source.name)], self._instance_emb[source.name] = self._score(
-                BASE, dom
-            )
-        scores = {}
-        for e in experts:
-            key = (self._model_key(e), source.name)
-            if key not in self._scores:  # only what is new is scored
-                self._scores[key] = self._score(e, dom)[0]
-            scores[e] = self._scores[key]
-        return DomainInstances(
-            source.name, list(dom.queries), self._instance_emb[source.name], scores
-        )
-
-
-class MicroBatcher:
-    """Merges concurrent ``submit`` calls into one :meth:`Engine.search`.
-
-    When the model frees up, every request queued meanwhile joins the next batch (up to
-    ``max_queries`` queries), so batches grow with load and a lone request waits for nothing.
-    ``window_s > 0`` also holds a batch's first request that long for others to arrive;
-    ``max_queries=0`` runs each request alone.
-    """
-
-    def __init__(
-        self,
-        search: Callable[[Sequence[str], int], list[SearchResult]],
-        *,
-        window_s: float = 0.0,
-        max_queries: int = 256,
-    ) -> None:
-        self._search = search
-        self.window_s = window_s
-        self.max_queries = max_queries
-        self._queue: queue.Queue[tuple[list[str], int, Future] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="micro-batcher", daemon=True)
-        self._thread.start()
-        self.batches = 0  # batches run so far (for tests and metrics)
-        self.on_batch: Callable[[int], None] | None = None  # told each batch's query count
-
-    def pending(self) -> int:
-        """Requests waiting for the model."""
-        return self._queue.qsize()
-
-    def submit(self, queries: Sequence[str], k: int) -> Future:
-        """A future of the queries' :class:`SearchResult` list."""
-        fut: Future = Future()
-        self._queue.put((list(queries), k, fut))
-        return fut
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            batch = [item]
-            size = len(item[0])
-            deadline = time.perf_counter() + self.window_s
-            while self.max_queries and size < self.max_queries:
-                left = deadline - time.perf_counter()
-                try:
-                    nxt = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                batch.append(nxt)
-                size += len(nxt[0])
-            self._serve(batch)
-
-    def _serve(self, batch: list[tuple[list[str], int, Future]]) -> None:
-        self.batches += 1
-        texts = [q for queries, _, _ in batch for q in queries]
-        if self.on_batch is not None:
-            self.on_batch(len(texts))
-        try:
-            results = self._search(texts, max(k for _, k, _ in batch))
-        except Exception as e:
-            if len(batch) == 1:
-                batch[0][2].set_exception(e)
-                return
-            # One request's failure must not fail the others: run each alone, so only the
-            # request at fault fails.
-            logger.warning("a batch of %d requests failed (%s); retrying each alone", len(batch), e)
-            for item in batch:
-                self._serve([item])
-            return
-        start = 0
-        for queries, k, fut in batch:
-            part = results[start : start + len(queries)]
-            start += len(queries)
-            fut.set_result([replace(r, hits=r.hits[:k]) for r in part])
