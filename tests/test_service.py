@@ -423,7 +423,7 @@ def test_search_answers_equal_with_faiss_and_milvus_lite(engine, tmp_path):
 
 def test_a_milvus_collection_of_the_same_corpus_is_reused(encoder, tmp_path):
     pytest.importorskip("milvus_lite")
-    from routerretriever.store import corpus_index
+    from routerretriever.indexes import corpus_index
 
     corpus = load_beir(TINY).corpus
     calls = []
@@ -844,7 +844,7 @@ def test_milvus_full_text_search_serves_the_lexical_side(encoder, tmp_path):
     pytest.importorskip("milvus_lite")
     from routerretriever.index import MilvusIndex
     from routerretriever.lexical import BM25Config, BM25Index
-    from routerretriever.store import corpus_index, lexical_index
+    from routerretriever.indexes import corpus_index, lexical_index
 
     corpus = load_beir(TINY).corpus
     uri = str(tmp_path / "m.db")

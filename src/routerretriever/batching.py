@@ -14,12 +14,11 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import Generic, TypeVar
 
 from routerretriever.errors import RouterRetrieverError
 
-if TYPE_CHECKING:
-    from routerretriever.serving import SearchResult
+R = TypeVar("R")  # one query's result
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +65,7 @@ class Limits:
             raise RequestError(f"k must be between 1 and {self.max_k}, got {k}")
 
 
-class MicroBatcher:
+class MicroBatcher(Generic[R]):
     """Merges concurrent ``submit`` calls into one :meth:`Engine.search`.
 
     When the model frees up, every request queued meanwhile joins the next batch (up to
@@ -77,7 +76,7 @@ class MicroBatcher:
 
     def __init__(
         self,
-        search: Callable[[Sequence[str], int], list[SearchResult]],
+        search: Callable[[Sequence[str], int], list[R]],
         *,
         window_s: float = 0.0,
         max_queries: int = 256,
@@ -96,7 +95,7 @@ class MicroBatcher:
         return self._queue.qsize()
 
     def submit(self, queries: Sequence[str], k: int) -> Future:
-        """A future of the queries' :class:`SearchResult` list."""
+        """A future of the queries' results (``search``'s list for them)."""
         fut: Future = Future()
         self._queue.put((list(queries), k, fut))
         return fut

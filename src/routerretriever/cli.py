@@ -5,16 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from routerretriever.errors import RouterRetrieverError
+from routerretriever.serve_cli import add_serve_parser
 
 logger = logging.getLogger("routerretriever")
-API_KEY_ENV = "ROUTERRETRIEVER_API_KEY"
 
 
 def _write_json(path: Path, payload: object) -> None:
@@ -187,7 +186,7 @@ def cmd_experts_list(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from routerretriever.experiment import run_experiment
+    from routerretriever.pipeline import run_experiment
 
     if not args.config.is_file():
         raise RouterRetrieverError(f"{args.config}: no such config file")
@@ -204,23 +203,6 @@ class TrainDefaults:
         from routerretriever.config import ExpertConfig, TrainConfig
 
         self.train, self.lora = TrainConfig(), ExpertConfig()
-
-
-def _unit_float(flag: str) -> Callable[[str], float]:
-    """argparse type: a number in [0, 1], or a message naming ``flag``."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{flag} must be a number, got {text[:40]!r}"
-            ) from None
-        if not 0.0 <= value <= 1.0:
-            raise argparse.ArgumentTypeError(f"{flag} must be in [0, 1], got {value}")
-        return value
-
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -373,257 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     xp.set_defaults(func=cmd_experiment)
 
-    sv = sub.add_parser("serve", help="serve routed search over HTTP (FastAPI + uvicorn)")
-    sv.add_argument("--store", type=Path, required=True, help="expert store folder")
-    sv.add_argument("--corpus", type=Path, required=True, help="BEIR folder of the documents")
-    sv.add_argument(
-        "--domain",
-        action="append",
-        default=[],
-        metavar="NAME=DIR[:SPLIT]",
-        help="a domain whose instances build the pilot library: a BEIR folder and its labelled "
-        "split (default train) or 'corpus' for pseudo-queries; repeat per domain",
-    )
-    sv.add_argument(
-        "--expert",
-        action="append",
-        default=None,
-        metavar="PATH",
-        help="expert folder (relative to the store) to serve at the first start; later starts "
-        "serve what the last run served (default: none)",
-    )
-    sv.add_argument("--index", choices=["faiss", "milvus"], default="faiss")
-    sv.add_argument(
-        "--milvus-uri",
-        default="./routerretriever-milvus.db",
-        help="Milvus Lite file or server URI, with --index milvus (a collection already holding "
-        "this corpus is reused)",
-    )
-    sv.add_argument(
-        "--ray-actors",
-        type=int,
-        default=0,
-        help="embed a corpus missing from the cache with this many Ray actors (default: 0, "
-        "in process)",
-    )
-    sv.add_argument(
-        "--ray-address",
-        default=None,
-        help="Ray cluster to use with --ray-actors, e.g. 'auto' (default: start a local Ray)",
-    )
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--rule", choices=["mean", "weighted", "nearest"], default="weighted")
-    sv.add_argument(
-        "--alpha",
-        type=_unit_float("--alpha"),
-        default=0.5,
-        help="the dense side's weight when fused with BM25 (1: dense only; default 0.5, the "
-        "experiment's dev choice, docs/results.md); with --index milvus, Milvus's own BM25",
-    )
-    sv.add_argument(
-        "--base-mix",
-        type=_unit_float("--base-mix"),
-        default=0.3,
-        help="share of the base model's query vector mixed into the routed expert's (0: the "
-        "paper's hard routing; default 0.3, the experiment's dev choice; costs no extra pass)",
-    )
-    sv.add_argument("--routing-precision", choices=["auto", "float32", "bfloat16"], default="auto")
-    sv.add_argument("--model", default=None, help="base model folder or hub id")
-    sv.add_argument("--cache-dir", type=Path, default=None)
-    sv.add_argument(
-        "--batch-window-ms",
-        type=float,
-        default=0.0,
-        help="hold a batch's first request this long for others (default 0: take what is queued)",
-    )
-    sv.add_argument(
-        "--max-batch-queries",
-        type=int,
-        default=256,
-        help="queries merged into one batch at most (0: no micro-batching)",
-    )
-    sv.add_argument("--max-queries", type=int, default=64, help="queries per request at most")
-    sv.add_argument("--max-query-chars", type=int, default=2000)
-    sv.add_argument("--max-k", type=int, default=100)
-    sv.add_argument(
-        "--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413"
-    )
-    sv.add_argument(
-        "--max-connections",
-        type=int,
-        default=4096,
-        help="open connections and requests at most; more are answered 503",
-    )
-    sv.add_argument(
-        "--replicas",
-        type=int,
-        default=0,
-        help="serve N engine replicas behind Ray Serve (with --ray-address, on a cluster); "
-        "experts added or removed through any replica reach all",
-    )
-    sv.add_argument(
-        "--header-timeout",
-        type=float,
-        default=5.0,
-        help="seconds a connection may take to send a whole request head (slow clients: closed)",
-    )
-    sv.add_argument(
-        "--api-key",
-        default=None,
-        help=f"require 'Authorization: Bearer KEY' on every endpoint but /health "
-        f"(default: ${API_KEY_ENV})",
-    )
-    sv.add_argument(
-        "--allow-unauthenticated-admin",
-        action="store_true",
-        help="keep POST/DELETE /experts on without an API key on a non-loopback host",
-    )
-    sv.set_defaults(func=cmd_serve)
+    add_serve_parser(sub)
     return parser
-
-
-def _raise_open_files_limit() -> None:
-    """Allow as many open files as the system lets this process have (the soft limit is often
-    1,024, which a burst of idle connections exhausts)."""
-    try:
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if hard == resource.RLIM_INFINITY or hard > soft:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ImportError, ValueError, OSError):  # not on this system: keep what there is
-        pass
-
-
-def _serve_replicas(args: argparse.Namespace, api_key: str | None, admin: bool) -> int:
-    from routerretriever import replicas
-
-    if args.ray_actors:
-        raise RouterRetrieverError("--ray-actors goes with a single server, not --replicas")
-    spec = replicas.ServeSpec(
-        store=args.store.resolve(),
-        corpus=args.corpus.resolve(),
-        domains=list(args.domain),
-        model=args.model,
-        index=args.index,
-        milvus_uri=args.milvus_uri,
-        cache_dir=args.cache_dir.resolve() if args.cache_dir else None,
-        rule=args.rule,
-        routing_precision=args.routing_precision,
-        alpha=args.alpha,
-        base_mix=args.base_mix,
-        limits=(args.max_queries, args.max_query_chars, args.max_k),
-        batch_window_ms=args.batch_window_ms,
-        max_batch_queries=args.max_batch_queries,
-        api_key=api_key,
-        admin=admin,
-        max_body_bytes=args.max_body_bytes,
-    )
-    if args.expert:
-        replicas.save_served(spec.store, list(args.expert))
-    print(
-        f"serving {args.replicas} replicas with Ray Serve at http://{args.host}:{args.port} "
-        "(each loads the model and the index; Ctrl-C stops)",
-        file=sys.stderr,
-    )
-    try:
-        replicas.run(spec, args.replicas, args.host, args.port, address=args.ray_address)
-    except KeyboardInterrupt:
-        pass
-    return 0
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from routerretriever.batching import Limits
-    from routerretriever.data import load_corpus
-    from routerretriever.encoder import Encoder
-    from routerretriever.instances import Domain
-    from routerretriever.lexical import BM25Config
-    from routerretriever.service import create_app, guarded_http_protocol
-    from routerretriever.serving import Engine
-    from routerretriever.store import corpus_index
-
-    domains = [Domain.parse(d) for d in args.domain]  # fail before loading anything
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    loopback = args.host in ("127.0.0.1", "localhost", "::1") or args.host.startswith("127.")
-    admin = bool(api_key) or loopback or args.allow_unauthenticated_admin
-    if not api_key and not loopback:
-        print(
-            f"warning: serving on {args.host} without an API key: anyone who reaches this port "
-            f"can search{'' if not admin else ' and add or remove experts'}. Set --api-key or "
-            f"${API_KEY_ENV}"
-            + ("" if admin else "; adding and removing experts is off without one"),
-            file=sys.stderr,
-        )
-    if not args.store.is_dir():
-        raise RouterRetrieverError(f"--store {args.store}: expert store does not exist")
-    if args.replicas:
-        return _serve_replicas(args, api_key, admin)
-    corpus = load_corpus(args.corpus)
-    encoder = Encoder.load(args.model)
-    embedder = None
-    if args.ray_actors:
-        import ray
-
-        from routerretriever.distributed import ray_embedder
-
-        ray.init(address=args.ray_address, include_dashboard=False)
-        embedder = ray_embedder(encoder, actors=args.ray_actors)
-    index = corpus_index(
-        encoder,
-        corpus,
-        backend=args.index,
-        milvus_uri=args.milvus_uri,
-        cache_dir=args.cache_dir,
-        embedder=embedder,
-        bm25=BM25Config() if args.alpha < 1 else None,
-    )
-    engine = Engine.open(
-        encoder,
-        args.store,
-        corpus,
-        domains,
-        index=index,
-        experts=args.expert,
-        rule=args.rule,
-        routing_precision=args.routing_precision,
-        cache_dir=args.cache_dir,
-        alpha=args.alpha,
-        base_mix=args.base_mix,
-    )
-    app = create_app(
-        engine,
-        limits=Limits(args.max_queries, args.max_query_chars, args.max_k),
-        batch_window_ms=args.batch_window_ms,
-        max_batch_queries=args.max_batch_queries,
-        api_key=api_key,
-        admin=admin,
-        max_body_bytes=args.max_body_bytes,
-    )
-    print(
-        f"serving {len(engine.index)} documents with experts {engine.experts} at "
-        f"http://{args.host}:{args.port} (API pages at /docs; Ctrl-C stops)",
-        file=sys.stderr,
-    )
-    _raise_open_files_limit()
-    try:
-        # No lifespan: its only job, stopping the batcher thread (a daemon), ends with the process.
-        uvicorn.run(
-            app,
-            host=args.host,
-            port=args.port,
-            log_level="warning",
-            lifespan="off",
-            limit_concurrency=args.max_connections,  # more: 503 at once, not a stall
-            timeout_keep_alive=5,
-            http=guarded_http_protocol(args.header_timeout),
-        )
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly
-        pass
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -638,6 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         hf_logging.disable_progress_bar()  # the weight-loading bar is noise at every start
         return args.func(args)
     except (RouterRetrieverError, ValueError) as e:
+        if args.verbose and not isinstance(e, RouterRetrieverError):
+            raise  # with -v, a ValueError from deep inside keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 

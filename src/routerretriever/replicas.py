@@ -54,11 +54,11 @@ def build_app(spec: ServeSpec) -> Any:
     from routerretriever.batching import Limits
     from routerretriever.data import load_corpus
     from routerretriever.encoder import Encoder
+    from routerretriever.indexes import corpus_index
     from routerretriever.instances import Domain
     from routerretriever.lexical import BM25Config
     from routerretriever.service import create_app
     from routerretriever.serving import Engine
-    from routerretriever.store import corpus_index
 
     encoder = Encoder.load(spec.model)
     corpus = load_corpus(spec.corpus)

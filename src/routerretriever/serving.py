@@ -33,13 +33,13 @@ from routerretriever.experts import ExpertInfo, check_folder, check_name
 from routerretriever.files import atomic_write, default_cache_dir
 from routerretriever.fusion import fuse_scores
 from routerretriever.index import Hits, VectorIndex
+from routerretriever.indexes import corpus_index, lexical_index
 from routerretriever.instances import Domain, InstanceScorer
 from routerretriever.lexical import BM25Config, LexicalIndex
 from routerretriever.pilots import PilotLibrary, build_pilots
 from routerretriever.policy import PilotPolicy
 from routerretriever.retriever import FUSION_DEPTH, RouterRetriever, RoutingPrecision
 from routerretriever.router import RouteDecision, Rule
-from routerretriever.store import corpus_index, lexical_index
 
 logger = logging.getLogger(__name__)
 

@@ -15,15 +15,12 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from routerretriever.data import Corpus
 from routerretriever.encoder import Encoder
 from routerretriever.files import atomic_write, default_cache_dir
-from routerretriever.index import FaissIndex, VectorIndex
-from routerretriever.lexical import BM25Config, BM25Index, LexicalIndex
 
 logger = logging.getLogger(__name__)
 
@@ -121,71 +118,3 @@ def embed_corpus(
         atomic_write(path, write)
         logger.info("cached corpus embeddings in %s", path)
     return CorpusEmbeddings(ids, emb, cached=False)
-
-
-def corpus_index(
-    encoder: Encoder,
-    corpus: Corpus,
-    *,
-    backend: str = "faiss",
-    milvus_uri: str | None = None,
-    cache_dir: str | Path | None = None,
-    embedder: Callable[[Corpus], np.ndarray] | None = None,
-    batch_size: int = 32,
-    bm25: BM25Config | None = None,
-) -> VectorIndex:
-    """The shared index of ``corpus``'s base-model embeddings: FAISS in process, or Milvus.
-
-    A Milvus collection is named after the base model and the corpus fingerprints, so a restart
-    against a Milvus that already holds this corpus reuses it instead of inserting it again; a
-    collection left incomplete (e.g. by a killed start) is rebuilt. With ``bm25`` a Milvus
-    collection also holds the texts and Milvus's own BM25 full-text index (see
-    :func:`lexical_index`); FAISS ignores it.
-    """
-    from routerretriever.index import MilvusIndex, milvus_analyzer
-    from routerretriever.store import corpus_fingerprint
-
-    def embeddings() -> tuple[list[str], np.ndarray]:
-        emb = embed_corpus(
-            encoder, corpus, cache_dir=cache_dir, batch_size=batch_size, embedder=embedder
-        )
-        return emb.ids, emb.embeddings
-
-    if backend == "faiss":
-        return FaissIndex.from_embeddings(*embeddings())
-    if backend != "milvus" or not milvus_uri:
-        raise ValueError(f"index backend must be 'faiss' or 'milvus' with a URI, got {backend!r}")
-    name = f"rr_{encoder.fingerprint}_{corpus_fingerprint(corpus)}"
-    text: dict[str, Any] = {}
-    if bm25 is not None:
-        name += f"_bm25_{bm25.fingerprint}"
-        text = {
-            "text": True,
-            "k1": bm25.k1,
-            "b": bm25.b,
-            "analyzer": milvus_analyzer(bm25.stemmer, bm25.stopwords),
-        }
-    index = MilvusIndex(milvus_uri, encoder.dim, collection=name, **text)
-    if len(index) == len(corpus):
-        logger.info("re-using Milvus collection %s (%d documents)", name, len(corpus))
-        return index
-    index = MilvusIndex(milvus_uri, encoder.dim, collection=name, overwrite=True, **text)
-    ids, emb = embeddings()
-    index.add(ids, emb, [corpus[i].full_text for i in ids] if bm25 is not None else None)
-    return index
-
-
-def lexical_index(
-    index: VectorIndex,
-    corpus: Corpus,
-    bm25: BM25Config | None = None,
-    cache_dir: str | Path | None = None,
-) -> LexicalIndex:
-    """The lexical side beside ``index``: a Milvus collection's own BM25 full-text search when
-    it has one (built by :func:`corpus_index` with ``bm25``), else a :class:`BM25Index` of
-    ``corpus`` (cached on disk)."""
-    from routerretriever.index import MilvusIndex
-
-    if isinstance(index, MilvusIndex) and index.text:
-        return index.lexical()
-    return BM25Index.cached(corpus, bm25 or BM25Config(), cache_dir)
