@@ -843,8 +843,8 @@ def test_fused_search_mixes_base_into_the_routed_expert_and_fuses_bm25(
 def test_milvus_full_text_search_serves_the_lexical_side(encoder, tmp_path):
     pytest.importorskip("milvus_lite")
     from routerretriever.index import MilvusIndex
-    from routerretriever.lexical import BM25Config, BM25Index
     from routerretriever.indexes import corpus_index, lexical_index
+    from routerretriever.lexical import BM25Config, BM25Index
 
     corpus = load_beir(TINY).corpus
     uri = str(tmp_path / "m.db")

@@ -13,12 +13,22 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
-from typing import Generic, TypeVar
+from dataclasses import dataclass, field, replace
 
 from routerretriever.errors import RouterRetrieverError
+from routerretriever.index import Hits
 
-R = TypeVar("R")  # one query's result
+
+@dataclass
+class SearchResult:
+    """One query's hits, best first, and why it went where it went."""
+
+    hits: Hits
+    expert: str
+    scores: dict[str, float] = field(default_factory=dict)
+    members: dict[str, float] = field(default_factory=dict)
+    lexical_weight: float = 0.0
+
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +75,7 @@ class Limits:
             raise RequestError(f"k must be between 1 and {self.max_k}, got {k}")
 
 
-class MicroBatcher(Generic[R]):
+class MicroBatcher:
     """Merges concurrent ``submit`` calls into one :meth:`Engine.search`.
 
     When the model frees up, every request queued meanwhile joins the next batch (up to
@@ -76,7 +86,7 @@ class MicroBatcher(Generic[R]):
 
     def __init__(
         self,
-        search: Callable[[Sequence[str], int], list[R]],
+        search: Callable[[Sequence[str], int], list[SearchResult]],
         *,
         window_s: float = 0.0,
         max_queries: int = 256,
@@ -95,7 +105,7 @@ class MicroBatcher(Generic[R]):
         return self._queue.qsize()
 
     def submit(self, queries: Sequence[str], k: int) -> Future:
-        """A future of the queries' results (``search``'s list for them)."""
+        """A future of the queries' :class:`SearchResult` list."""
         fut: Future = Future()
         self._queue.put((list(queries), k, fut))
         return fut

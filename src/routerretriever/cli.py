@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from routerretriever.errors import RouterRetrieverError
 from routerretriever.serve_cli import add_serve_parser
@@ -65,7 +66,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
             expert = load_expert(encoder, args.expert).name
         retriever = DenseRetriever(encoder, expert=expert, **common)
-    rows, report = [], {}
+    rows: list[list[Any]] = []
+    report: dict[str, Any] = {}
     for folder, dataset in zip(args.datasets, datasets, strict=True):
         start = time.perf_counter()
         result = evaluate_retriever(retriever, dataset, metrics)

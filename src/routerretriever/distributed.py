@@ -87,7 +87,7 @@ def encode_corpus_ray(
     seen = 0
     for batch in out.iter_batches(batch_format="numpy", batch_size=None):
         rows = [row_of[str(i)] for i in batch["id"]]
-        emb[rows] = np.stack(batch["embedding"])
+        emb[rows] = np.stack(list(batch["embedding"]))
         seen += len(rows)
     if seen != len(ids):
         raise RuntimeError(f"Ray returned {seen} embeddings for {len(ids)} documents")

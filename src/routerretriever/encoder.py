@@ -18,7 +18,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -162,7 +162,7 @@ class Encoder:
 
     @property
     def dim(self) -> int:
-        return int(self.model.config.hidden_size)
+        return int(cast(Any, self.model).config.hidden_size)
 
     @functools.cached_property
     def weights_digest(self) -> str:
@@ -232,7 +232,7 @@ class Encoder:
     @property
     def num_layers(self) -> int:
         """Transformer layers of the base model."""
-        return int(self.model.config.num_hidden_layers)
+        return int(cast(Any, self.model).config.num_hidden_layers)
 
     def variant(
         self, layers: int | None = None, dtype: torch.dtype | None = None
@@ -377,7 +377,7 @@ class Encoder:
     ) -> list[str | None] | None:
         if experts is None:
             return None
-        per_text = [experts] * n if isinstance(experts, str) else list(experts)
+        per_text: list[str | None] = [experts] * n if isinstance(experts, str) else list(experts)
         if len(per_text) != n:
             raise ValueError(f"experts has {len(per_text)} entries for {n} texts")
         unknown = sorted({e for e in per_text if e is not None} - set(self.experts))

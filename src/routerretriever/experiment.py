@@ -76,6 +76,9 @@ class ExperimentConfig:
         def resolve(p: str | None) -> Path | None:
             return None if p is None else (here / p).resolve()
 
+        def root_path(p: str) -> Path:
+            return (here / p).resolve()
+
         root = resolve(raw.get("data_root", "."))
         known = {f.name for f in fields(TrainConfig)}
         bad = sorted(set(raw.get("train", {})) - known)
@@ -95,8 +98,8 @@ class ExperimentConfig:
             raise ValueError(f"{path}: no [[domains]]")
         return cls(
             domains=domains,
-            store=resolve(raw.get("store", "runs/experts")),
-            results=resolve(raw.get("results", "runs/results")),
+            store=root_path(raw.get("store", "runs/experts")),
+            results=root_path(raw.get("results", "runs/results")),
             cache_dir=resolve(raw.get("cache_dir")),
             test_split=raw.get("test_split", "test"),
             train=TrainConfig(**raw.get("train", {})),
@@ -340,7 +343,7 @@ class Experiment:
             }
             for d, t in test.items()
         }
-        insts_k = {}
+        insts_k: dict[str, list[DomainInstances]] = {}
         for part, part_insts in insts.items():
             insts_k[part] = []
             for inst in part_insts:

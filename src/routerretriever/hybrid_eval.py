@@ -153,7 +153,8 @@ def gated_maker(rule: Rule, alpha: float, base_mix: float = 0.0) -> PolicyMaker:
                 qs.score(policy.members, policy.weights(qs.base)[0], alphas)
                 - qs.score([BASE], base_w, alphas)
             )
-        decline = declined_experts(routed, np.concatenate(gains) if gains else [], lib.experts)
+        gain = np.concatenate(gains) if gains else np.zeros(0)
+        decline = declined_experts(routed, gain, lib.experts)
         return PilotPolicy(pilots, rule, base_mix, decline)
 
     return make

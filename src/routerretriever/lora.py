@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 
@@ -34,7 +36,7 @@ class Adapter:
     identity: bool  # all B weights zero: exactly the base model (early stopping kept step 0)
 
 
-def read_adapter(folder: str | Path, model: torch.nn.Module) -> Adapter:
+def read_adapter(folder: str | os.PathLike[str], model: torch.nn.Module) -> Adapter:
     """Load a PEFT LoRA adapter folder onto ``model`` (checks of the folder: ``experts.py``).
 
     Standard LoRA only (no DoRA, no rank or alpha patterns); the weights are read from
@@ -84,7 +86,7 @@ def _path_copier(model: torch.nn.Module) -> Callable[[str], torch.nn.Module]:
         if path not in copies:
             parent_path, _, name = path.rpartition(".")
             parent = get(parent_path)
-            child = copy.copy(parent._modules[name])
+            child = copy.copy(cast(torch.nn.Module, parent._modules[name]))
             child._modules = dict(child._modules)
             child._parameters = dict(child._parameters)
             parent._modules[name] = child
@@ -146,7 +148,7 @@ def cut_layers(model: torch.nn.Module, layers: int) -> torch.nn.Module:
     RoBERTa, MPNet; ``transformer.layer`` in DistilBERT) and copies only the modules on the path
     to it, so parameters are shared and the original model is untouched.
     """
-    n = model.config.num_hidden_layers
+    n = int(cast(Any, model).config.num_hidden_layers)
     path = next(
         (
             name
@@ -160,5 +162,6 @@ def cut_layers(model: torch.nn.Module, layers: int) -> torch.nn.Module:
     get = _path_copier(model)
     parent_path, _, name = path.rpartition(".")
     parent = get(parent_path)
-    parent._modules[name] = torch.nn.ModuleList(list(parent._modules[name])[:layers])
+    layer_list = cast(torch.nn.ModuleList, parent._modules[name])
+    parent._modules[name] = torch.nn.ModuleList(list(layer_list)[:layers])
     return get("")

@@ -12,10 +12,11 @@ from routerretriever.hybrid_eval import run_pool
 from routerretriever.pilots import build_pilots
 from routerretriever.report import write_report
 from routerretriever.retriever import RouterRetriever
+from routerretriever.router import Rule
 from routerretriever.systems import run_systems
 
 
-def run_experiment(config: str | Path, rule: str | None = None) -> Path:
+def run_experiment(config: str | Path, rule: Rule | None = None) -> Path:
     """Train what is missing, score everything, write the report; returns ``results.md``."""
     cfg = ExperimentConfig.load(config)
     start = time.perf_counter()

@@ -20,7 +20,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from routerretriever.retriever import RoutingPrecision
+    from routerretriever.router import Rule
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +40,8 @@ class ServeSpec:
     index: str = "faiss"
     milvus_uri: str | None = None
     cache_dir: Path | None = None
-    rule: str = "weighted"
-    routing_precision: str = "auto"
+    rule: Rule = "weighted"
+    routing_precision: RoutingPrecision = "auto"
     alpha: float = 1.0
     base_mix: float = 0.0
     limits: tuple[int, int, int] = (64, 2000, 100)  # queries, characters, k
@@ -76,8 +80,8 @@ def build_app(spec: ServeSpec) -> Any:
         corpus,
         [Domain.parse(d) for d in spec.domains],
         index=index,
-        rule=spec.rule,  # type: ignore[arg-type]
-        routing_precision=spec.routing_precision,  # type: ignore[arg-type]
+        rule=spec.rule,
+        routing_precision=spec.routing_precision,
         cache_dir=spec.cache_dir,
         alpha=spec.alpha,
         base_mix=spec.base_mix,
@@ -150,4 +154,4 @@ def run(
         def __serve_build_asgi_app__(self) -> Any:
             return build_app(self.spec)
 
-    serve.run(Replica.bind(spec), blocking=blocking, route_prefix="/")
+    serve.run(cast(Any, Replica).bind(spec), blocking=blocking, route_prefix="/")

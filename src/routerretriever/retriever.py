@@ -389,5 +389,5 @@ def per_query_ndcg(
     )
     hits = index.search(emb, 10, exclude_ids=qids)
     run = {q: dict(h) for q, h in zip(qids, hits, strict=True)}
-    per = evaluate(dict(qrels), run, ["ndcg@10"]).per_query
+    per = evaluate({q: dict(r) for q, r in qrels.items()}, run, ["ndcg@10"]).per_query
     return np.array([per.get(q, {}).get("ndcg@10", 0.0) for q in qids]), emb

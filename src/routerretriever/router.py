@@ -18,7 +18,7 @@ import numpy as np
 from routerretriever.pilots import PilotLibrary
 
 Rule = Literal["mean", "weighted", "nearest"]
-RULES: tuple[str, ...] = ("mean", "weighted", "nearest")
+RULES: tuple[Rule, ...] = ("mean", "weighted", "nearest")
 
 
 @dataclass(frozen=True)

@@ -19,20 +19,19 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from routerretriever.batching import RequestError
+from routerretriever.batching import RequestError, SearchResult
 from routerretriever.data import Corpus
 from routerretriever.encoder import BASE, Encoder
 from routerretriever.errors import ModelError
 from routerretriever.experts import ExpertInfo, check_folder, check_name
 from routerretriever.files import atomic_write, default_cache_dir
 from routerretriever.fusion import fuse_scores
-from routerretriever.index import Hits, VectorIndex
+from routerretriever.index import VectorIndex
 from routerretriever.indexes import corpus_index, lexical_index
 from routerretriever.instances import Domain, InstanceScorer
 from routerretriever.lexical import BM25Config, LexicalIndex
@@ -45,17 +44,6 @@ logger = logging.getLogger(__name__)
 
 SERVED = ".served.json"  # the served experts, in the store folder
 MAX_PATH_CHARS = 1024  # an expert path longer than this is refused before touching the disk
-
-
-@dataclass
-class SearchResult:
-    """One query's hits, best first, and why it went where it went."""
-
-    hits: Hits
-    expert: str
-    scores: dict[str, float] = field(default_factory=dict)
-    members: dict[str, float] = field(default_factory=dict)
-    lexical_weight: float = 0.0
 
 
 class Engine:

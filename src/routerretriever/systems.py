@@ -17,7 +17,7 @@ import numpy as np
 from routerretriever.encoder import BASE
 from routerretriever.experiment import MULTITASK, Experiment
 from routerretriever.pilots import DomainInstances, PilotLibrary, build_pilots
-from routerretriever.router import RULES, expert_scores
+from routerretriever.router import RULES, Rule, expert_scores
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def _oracle_picks(test_d: dict[str, np.ndarray], experts: list[str], domain: str
     return [order[j] for j in np.stack([test_d[m] for m in order], 1).argmax(1)]
 
 
-def _dev_score(lib: PilotLibrary, dev: list[DomainInstances], rule: str) -> float:
+def _dev_score(lib: PilotLibrary, dev: list[DomainInstances], rule: Rule) -> float:
     """Mean nDCG@10 of the dev instances when routed by ``lib`` with ``rule``."""
     s = [
         inst.scores[lib.experts[j]][i]
@@ -87,7 +87,7 @@ def _dev_score(lib: PilotLibrary, dev: list[DomainInstances], rule: str) -> floa
     return float(np.mean(s))
 
 
-def run_systems(exp: Experiment, rule: str | None = None) -> dict[str, Any]:
+def run_systems(exp: Experiment, rule: Rule | None = None) -> dict[str, Any]:
     """All systems of the paper's Table 1, plus zero-shot (Table 2) and growth (Table 3)."""
     cfg = exp.cfg
     test = exp.test_scores()
@@ -99,14 +99,14 @@ def run_systems(exp: Experiment, rule: str | None = None) -> dict[str, Any]:
     def single(model: str, name: str) -> SystemResult:
         return SystemResult(name, {d: float(test[d][model].mean()) for d in seen})
 
-    def router(pool: list[str], r: str, insts: list[DomainInstances]):
+    def router(pool: list[str], r: Rule, insts: list[DomainInstances]) -> Any:
         lib = build_pilots(insts, pool)
         return lambda d, emb: [lib.experts[j] for j in expert_scores(emb, lib, r).argmax(1)]
 
     # Pick the routing rule on the dev instances (never the test sets).
     lib = build_pilots(train_inst, experts)
-    dev_scores = {r: _dev_score(lib, dev_inst, r) for r in RULES}
-    chosen = rule or max(RULES, key=lambda r: dev_scores[r])
+    dev_scores: dict[str, float] = {r: _dev_score(lib, dev_inst, r) for r in RULES}
+    chosen: Rule = rule if rule is not None else max(RULES, key=lambda r: dev_scores[r])
 
     systems: list[SystemResult] = [single(BASE, "Base model"), single(MULTITASK, "Multi-task LoRA")]
     # Routers trained on the same training instances, labelled by their domain.

@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -213,7 +214,7 @@ def save_expert(model: torch.nn.Module, info: ExpertInfo, out_dir: str | Path) -
     """Write a trained PEFT model's adapter and ``info`` to ``out_dir/info.name/``, atomically."""
     path = write_expert_folder(
         Path(out_dir) / info.name,
-        lambda tmp: model.save_pretrained(str(tmp), safe_serialization=True),
+        lambda tmp: cast(Any, model).save_pretrained(str(tmp), safe_serialization=True),
         info,
     )
     logger.info("saved expert %s to %s", info.name, path)
@@ -256,7 +257,7 @@ def fit_expert(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup, train.max_steps))
 
     best = dev_ndcg(encoder, model, domains)  # step 0: the adapter starts as the identity
-    history = [{"step": 0, "dev_ndcg@10": best}]
+    history: list[dict[str, float]] = [{"step": 0, "dev_ndcg@10": best}]
     base_dev = best
     best_state = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
     best_step, bad_evals, losses = 0, 0, []
@@ -312,7 +313,7 @@ def fit_expert(
     if train.keep_best:
         set_peft_model_state_dict(model, best_state)
     else:
-        best, best_step = history[-1]["dev_ndcg@10"], history[-1]["step"]
+        best, best_step = history[-1]["dev_ndcg@10"], int(history[-1]["step"])
     model.eval()
 
     info = ExpertInfo(
