@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 
 from routerretriever.cli import main
+from tests.conftest import TINY
 
 
 def test_evaluate_prints_table_and_writes_json(tiny, tmp_path, capsys):
@@ -82,6 +83,16 @@ def test_serve_refuses_a_bad_setup_before_listening(tiny, tmp_path, capsys):
     args = ["serve", "--store", str(tmp_path / "store"), "--corpus", str(tiny), "--domain", "x"]
     assert main(args) == 2
     assert "domain 'x': expected NAME=DIR or NAME=DIR:SPLIT" in capsys.readouterr().err
+    import socket
+
+    with socket.socket() as busy:  # a port someone else listens on: said before any loading
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        args = ["serve", "--store", str(tmp_path / "store"), "--corpus", str(tiny), "--port", port]
+        assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "another --port" in err
 
 
 def test_evaluate_a_saved_router_on_any_beir_folder(trained, tiny, tmp_path, capsys):
@@ -130,6 +141,14 @@ def test_cli_mistakes_are_one_line_errors_not_tracebacks(tmp_path, capsys):
     assert main(["experiment", str(tmp_path / "bad.toml")]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'bad.toml'}: not valid TOML" in err and "Traceback" not in err
+    (tmp_path / "nodata.toml").write_text(
+        'data_root = "nowhere"\nstore = "st"\nresults = "rs"\n'
+        '[[domains]]\nname = "scifact"\npath = "beir/scifact"\ntrain = "train"\n'
+    )
+    assert main(["experiment", str(tmp_path / "nodata.toml")]) == 2
+    err = capsys.readouterr().err
+    assert "missing data:" in err and "scifact: no folder" in err and "data get NAME" in err
+    assert not (tmp_path / "st").exists()  # checked before anything was made
 
 
 def test_version_and_a_fast_help():
@@ -153,3 +172,71 @@ def test_version_and_a_fast_help():
         [sys.executable, "-m", "routerretriever.cli", "--version"], capture_output=True, text=True
     ).stdout
     assert version.strip() == f"routerretriever {__version__}"
+
+
+def test_help_shows_no_raw_markup(capsys):
+    import re
+
+    from routerretriever.cli import build_parser
+
+    parser = build_parser()
+    sub = next(
+        a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction)
+    )
+    texts = [parser.format_help()]
+    texts += [p.format_help() for p in sub.choices.values()]
+    for p in sub.choices.values():  # nested commands (experts list ...)
+        for a in p._actions:
+            if hasattr(a, "choices") and isinstance(a.choices, dict):
+                texts += [q.format_help() for q in a.choices.values()]
+    for text in texts:
+        assert not re.search(r"``|:(class|func|meth):", text), text[:200]
+
+
+def test_experts_show_remove_and_caveats(trained, tmp_path, capsys):
+    import json
+    import shutil
+
+    _, store_src, _ = trained
+    store = tmp_path / "store"
+    shutil.copytree(store_src, store)
+    meta = store / "beta" / "expert.json"
+    info = json.loads(meta.read_text())
+    info["training"]["best_step"] = 0  # as if early stopping kept the start: the base model
+    meta.write_text(json.dumps(info))
+
+    assert main(["experts", "list", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert str(store) not in out and "= base" in out  # no absolute paths; the step-0 expert named
+    assert all(len(line) <= 140 for line in out.splitlines())
+
+    assert main(["experts", "show", str(store), "beta"]) == 0
+    shown = capsys.readouterr()
+    assert "best step 0 of" in shown.out and "IS the base model" in shown.err
+    assert main(["experts", "show", str(store), "gamma"]) == 2
+    assert "no expert 'gamma'" in capsys.readouterr().err
+
+    assert main(["evaluate", str(TINY), "--expert", str(store / "beta")]) == 0
+    assert "warning: expert beta kept step 0" in capsys.readouterr().err
+
+    assert main(["experts", "remove", str(store), "beta"]) == 2
+    assert "add --yes" in capsys.readouterr().err and (store / "beta").is_dir()
+    (store / ".served.json").write_text(json.dumps({"experts": {"alpha": "alpha"}}))
+    assert main(["experts", "remove", str(store), "alpha", "--yes"]) == 2
+    assert "in the served set" in capsys.readouterr().err and (store / "alpha").is_dir()
+    assert main(["experts", "remove", str(store), "beta", "--yes"]) == 0
+    assert not (store / "beta").exists() and [p.name for p in store.iterdir()] != []
+    assert not [p for p in store.iterdir() if p.name.startswith(".beta")]
+
+
+def test_caveat_names_an_expert_below_the_base():
+    from routerretriever.experts import ExpertInfo, caveat
+
+    info = ExpertInfo(
+        "x", "m", "f", training={"best_step": 5}, dev={"ndcg@10": 0.3, "base_ndcg@10": 0.4}
+    )
+    assert "below the base model" in caveat(info)
+    info = ExpertInfo(
+        "x", "m", "f", training={"best_step": 5}, dev={"ndcg@10": 0.5, "base_ndcg@10": 0.4}
+    )
+    assert caveat(info) is None

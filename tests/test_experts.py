@@ -157,3 +157,24 @@ def test_killed_expert_write_leaves_old_expert_intact(trained, tmp_path):
         write_expert_folder(target, write, ExpertInfo("alpha", "m", "f"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["alpha"]
     assert (target / "expert.json").read_text() == '{"name": "alpha"}'
+
+
+def test_training_is_seeded_without_touching_the_callers_random_state(encoder, tmp_path):
+    import random
+
+    import torch
+
+    from routerretriever.config import TrainConfig
+    from routerretriever.training import fit_expert, load_training_set
+    from tests.conftest import TINY
+
+    ts = load_training_set(encoder, TINY, from_corpus=True, cache_dir=tmp_path)
+    cfg = TrainConfig(max_steps=2, eval_every=1, batch_size=4, seed=7)
+    torch.manual_seed(123)
+    random.seed(123)
+    before = torch.get_rng_state(), random.getstate()
+    first = fit_expert(encoder, [ts], "x", train=cfg, show_progress=False)[1]
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+    torch.manual_seed(999)  # another caller state: the same seed still trains the same expert
+    again = fit_expert(encoder, [ts], "x", train=cfg, show_progress=False)[1]
+    assert first.dev["history"][1:] == again.dev["history"][1:]  # losses and dev scores

@@ -63,3 +63,15 @@ def test_errors(make_index):
     with pytest.raises(ValueError, match="k must be positive"):
         index.search(np.zeros((1, 4), dtype=np.float32), 0)
     assert make_index(4).search(np.zeros((2, 4), dtype=np.float32), 3) == [[], []]
+
+
+def test_milvus_lite_start_up_logs_no_grpc_tracebacks(tmp_path, caplog):
+    pytest.importorskip("milvus_lite")
+    import logging
+
+    caplog.set_level(logging.ERROR)
+    index = MilvusIndex.from_embeddings(
+        str(tmp_path / "m.db"), ["a", "b"], np.eye(2, 4, dtype=np.float32)
+    )
+    assert index.search(np.eye(1, 4, dtype=np.float32), 1)[0][0][0] == "a"
+    assert not [r for r in caplog.records if "not implemented" in r.getMessage() + str(r.exc_info)]

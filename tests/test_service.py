@@ -469,6 +469,8 @@ def test_ray_and_single_process_embeddings_agree(encoder, tmp_path):
     from routerretriever.store import embed_corpus
 
     corpus = load_beir(TINY).corpus
+    with pytest.raises(RuntimeError, match=r"call ray.init\(\) first"):  # never started for you
+        encode_corpus_ray(encoder, corpus, actors=1)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         ids, emb = encode_corpus_ray(encoder, corpus, actors=2, rows_per_task=8)

@@ -64,7 +64,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if args.expert:
             from routerretriever.experts import load_expert
 
-            expert = load_expert(encoder, args.expert).name
+            loaded = load_expert(encoder, args.expert)
+            expert = loaded.name
+            _warn_caveat(loaded)
         retriever = DenseRetriever(encoder, expert=expert, **common)
     rows: list[list[Any]] = []
     report: dict[str, Any] = {}
@@ -164,26 +166,134 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
         f"best step {info.training['best_step']} of {info.training['steps_run']}, "
         f"{info.seconds:.0f} s, peak RSS {info.peak_rss_mb:.0f} MB"
     )
+    _warn_caveat(info)
     return 0
 
 
-def cmd_experts_list(args: argparse.Namespace) -> int:
-    from routerretriever.experts import list_experts
+def _warn_caveat(info: Any) -> None:
+    from routerretriever.experts import caveat
 
-    rows = [
-        [
-            e.name,
-            f"{e.dev.get('ndcg@10', float('nan')):.4f}",
-            f"{e.dev.get('base_ndcg@10', float('nan')):.4f}",
-            f"{e.seconds:.0f}",
-            e.source,
-        ]
-        for e in list_experts(args.store)
-    ]
+    note = caveat(info)
+    if note:
+        print(f"warning: {note}", file=sys.stderr)
+
+
+def _short_source(source: str, width: int = 48) -> str:
+    """An expert's training source without folder paths (``/a/b/scifact`` -> ``scifact``)."""
+    text = " ".join(Path(w).name if "/" in w else w for w in source.split(" "))
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def cmd_experts_list(args: argparse.Namespace) -> int:
+    from routerretriever.experts import caveat, list_experts
+
+    rows = []
+    for e in list_experts(args.store):
+        dev, base = e.dev.get("ndcg@10", float("nan")), e.dev.get("base_ndcg@10", float("nan"))
+        note = caveat(e)
+        rows.append(
+            [
+                e.name,
+                f"{dev:.4f}",
+                f"{dev - base:+.4f}",
+                f"{e.training.get('best_step', '?')}/{e.training.get('steps_run', '?')}",
+                f"{e.seconds:.0f}",
+                _short_source(e.source),
+                "" if note is None else ("= base" if "step 0" in note else "below base"),
+            ]
+        )
     if not rows:
         print(f"no experts in {args.store} (an expert is a folder holding expert.json)")
         return 0
-    print(format_table(["expert", "dev nDCG@10", "base dev", "train s", "trained on"], rows))
+    header = ["expert", "dev nDCG@10", "vs base", "best step", "train s", "trained on", "note"]
+    print(format_table(header, rows))
+    return 0
+
+
+def _expert_folder(store: Path, name: str) -> Path:
+    from routerretriever.experts import METADATA, check_name
+
+    check_name(name)
+    folder = store / name
+    if not (folder / METADATA).is_file():
+        raise RouterRetrieverError(f"no expert {name!r} in {store} (see: experts list {store})")
+    return folder
+
+
+def cmd_experts_show(args: argparse.Namespace) -> int:
+    from routerretriever.experts import ExpertInfo
+
+    info = ExpertInfo.read(_expert_folder(args.store, args.name))
+    t, d = info.training, info.dev
+    lines = [
+        f"expert      {info.name}",
+        f"folder      {args.store / info.name}",
+        f"base model  {info.base_model} (fingerprint {info.base_fingerprint})",
+        f"trained on  {info.source}",
+        "lora        " + ", ".join(f"{k} {v}" for k, v in info.lora.items()),
+        f"training    lr {t.get('lr')}, batch {t.get('batch_size')}, best step "
+        f"{t.get('best_step')} of {t.get('steps_run')} (max {t.get('max_steps')}), "
+        f"{info.seconds:.0f} s, peak RSS {info.peak_rss_mb:.0f} MB",
+        f"dev         nDCG@10 {d.get('ndcg@10', float('nan')):.4f} against the base model's "
+        f"{d.get('base_ndcg@10', float('nan')):.4f} on {d.get('queries', '?')} queries",
+    ]
+    history = d.get("history") or []
+    if history:
+        lines.append(
+            "dev history " + ", ".join(f"{h['step']}: {h['dev_ndcg@10']:.3f}" for h in history[:12])
+        )
+    print("\n".join(lines))
+    _warn_caveat(info)
+    return 0
+
+
+def cmd_experts_remove(args: argparse.Namespace) -> int:
+    import json
+    import shutil
+
+    folder = _expert_folder(args.store, args.name)
+    served = args.store / ".served.json"
+    if served.is_file():
+        try:
+            names = json.loads(served.read_text()).get("experts", {})
+        except (json.JSONDecodeError, AttributeError):
+            names = {}
+        if args.name in names:
+            raise RouterRetrieverError(
+                f"expert {args.name!r} is in the served set ({served}); stop serving it first "
+                f"(DELETE /experts/{args.name})"
+            )
+    if not args.yes:
+        raise RouterRetrieverError(f"this deletes {folder}; add --yes to confirm")
+    trash = folder.with_name(f".{folder.name}.removing")
+    folder.rename(trash)  # one step: the store never holds half an expert
+    shutil.rmtree(trash)
+    print(f"removed expert {args.name} ({folder})")
+    return 0
+
+
+def cmd_data_list(args: argparse.Namespace) -> int:
+    from routerretriever.datasets import BEIR_MD5, BEIR_URL
+
+    print(f"BEIR collections (routerretriever data get NAME), from {BEIR_URL.format(name='NAME')}:")
+    print("  " + ", ".join(sorted(BEIR_MD5)))
+    return 0
+
+
+def cmd_data_get(args: argparse.Namespace) -> int:
+    from routerretriever.datasets import fetch
+
+    last = [0.0, -1]  # time of the last line, last tenth shown
+
+    def progress(done: int, total: int | None) -> None:
+        tenth = -1 if not total else done * 10 // total
+        if tenth != last[1] or time.monotonic() - last[0] > 5:
+            size = f"{done / 1e6:.1f}" + (f" of {total / 1e6:.1f}" if total else "")
+            print(f"downloading {args.name}.zip: {size} MB", file=sys.stderr)
+            last[:] = [time.monotonic(), tenth]
+
+    path = fetch(args.name, args.to, source=getattr(args, "from"), progress=progress)
+    print(f"{args.name} -> {path} (md5 checked; evaluate it: routerretriever evaluate {path})")
     return 0
 
 
@@ -208,7 +318,11 @@ class TrainDefaults:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="routerretriever", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="routerretriever",
+        description="Routed mixture-of-expert retrieval: evaluate, train experts, run the "
+        "paper's experiments, serve over HTTP.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     from routerretriever import __version__
 
@@ -346,6 +460,31 @@ def build_parser() -> argparse.ArgumentParser:
     ls = ex_sub.add_parser("list", help="list the experts in a store")
     ls.add_argument("store", type=Path)
     ls.set_defaults(func=cmd_experts_list)
+    sh = ex_sub.add_parser("show", help="one expert's training, settings and dev scores")
+    sh.add_argument("store", type=Path)
+    sh.add_argument("name")
+    sh.set_defaults(func=cmd_experts_show)
+    rm = ex_sub.add_parser("remove", help="delete an expert from a store (not while served)")
+    rm.add_argument("store", type=Path)
+    rm.add_argument("name")
+    rm.add_argument("--yes", action="store_true", help="confirm the deletion")
+    rm.set_defaults(func=cmd_experts_remove)
+
+    da = sub.add_parser("data", help="fetch public BEIR collections (md5-checked)")
+    da_sub = da.add_subparsers(dest="data_command", required=True)
+    dl = da_sub.add_parser("list", help="the collections 'data get' knows")
+    dl.set_defaults(func=cmd_data_list)
+    dg = da_sub.add_parser("get", help="download, check and unpack one collection")
+    dg.add_argument("name", help="e.g. scifact, nfcorpus, arguana (see: data list)")
+    dg.add_argument("--to", type=Path, default=Path("data/beir"), help="parent folder")
+    dg.add_argument(
+        "--from",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the collection's zip already on disk (no download), checked the same way",
+    )
+    dg.set_defaults(func=cmd_data_get)
 
     xp = sub.add_parser("experiment", help="run the paper's experiments from a TOML config")
     xp.add_argument("config", type=Path)

@@ -51,7 +51,8 @@ def encode_corpus_ray(
 ) -> tuple[list[str], np.ndarray]:
     """Embed ``corpus`` with ``actors`` Ray actors; ``(ids, embeddings (n, d))`` in corpus order.
 
-    Uses the running Ray (``ray.init`` it first to choose a cluster); starts a local one if none.
+    Uses the running Ray: ``ray.init()`` it first (a local Ray, or ``address="auto"`` on a
+    cluster); the library never starts one itself.
     The actors load the same base model folder and settings as ``encoder``, so the vectors match
     the single-process ones (up to float rounding). Documents are sent longest first in chunks of
     ``rows_per_task``, so each chunk pads little.
@@ -64,7 +65,10 @@ def encode_corpus_ray(
     if not ids:
         return [], np.zeros((0, encoder.dim), dtype=np.float32)
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+        raise RuntimeError(
+            "Ray is not running: call ray.init() first (ray.init() for a local Ray, "
+            'ray.init(address="auto") on a cluster node)'
+        )
     texts = [corpus[i].full_text for i in ids]
     order = sorted(range(len(ids)), key=lambda i: -len(texts[i]))
     items = [{"id": ids[i], "text": texts[i]} for i in order]

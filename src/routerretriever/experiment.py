@@ -20,6 +20,7 @@ import numpy as np
 
 from routerretriever.data import load_beir
 from routerretriever.encoder import BASE, Encoder
+from routerretriever.errors import DataError
 from routerretriever.experts import load_expert
 from routerretriever.files import atomic_write
 from routerretriever.index import FaissIndex
@@ -116,6 +117,29 @@ class ExperimentConfig:
     @property
     def expert_domains(self) -> list[DomainSpec]:
         return [d for d in self.domains if d.train != "none"]
+
+    def check_paths(self) -> None:
+        """Every domain's data is there (corpus, queries, the test and training qrels), checked
+        before anything runs; the error lists everything missing at once."""
+        missing = []
+        for d in self.domains:
+            need = ["corpus.jsonl", "queries.jsonl", f"qrels/{self.test_split}.tsv"]
+            if d.train not in ("corpus", "none"):
+                need.append(f"qrels/{d.train}.tsv")
+            gone = [
+                n for n in need if not (d.path / n).is_file() and not (d.path / f"{n}.gz").is_file()
+            ]
+            if not d.path.is_dir():
+                missing.append(f"{d.name}: no folder {d.path}")
+            elif gone:
+                missing.append(f"{d.name}: {d.path} lacks {', '.join(gone)}")
+        if missing:
+            raise DataError(
+                "missing data:\n  "
+                + "\n  ".join(missing)
+                + "\nBEIR collections: routerretriever data get NAME --to DIR (see: data list); "
+                "point data_root or each domain's path at them"
+            )
 
 
 # -- step 1: experts ---------------------------------------------------------------------------

@@ -99,6 +99,24 @@ def load_expert(encoder: Encoder, folder: str | Path, name: str | None = None) -
     return info
 
 
+def caveat(info: ExpertInfo) -> str | None:
+    """What a user must know before relying on an expert, or ``None``: it is the base model
+    exactly (training kept step 0), or it scores below the base model on its own dev data."""
+    dev, base = info.dev.get("ndcg@10"), info.dev.get("base_ndcg@10")
+    if info.training.get("best_step") == 0:
+        return (
+            f"expert {info.name} kept step 0: no training step beat the base model on its dev "
+            "data, so it IS the base model (routing to it changes nothing); try another --lr, "
+            "more --max-steps or more training data"
+        )
+    if dev is not None and base is not None and dev < base:
+        return (
+            f"expert {info.name} scores below the base model on its own dev data "
+            f"({dev:.4f} < {base:.4f}); it may hurt the queries routed to it"
+        )
+    return None
+
+
 def list_experts(store: str | Path) -> list[ExpertInfo]:
     """The experts in a store folder, by name; folders that are not experts are skipped."""
     store = Path(store)

@@ -130,6 +130,18 @@ def _fit_bytes(text: str, limit: int) -> str:
     return raw[:limit].decode("utf-8", "ignore") if len(raw) > limit else raw.decode("utf-8")
 
 
+class _UnimplementedFilter(logging.Filter):
+    """Drops the tracebacks Milvus Lite's in-process gRPC server logs for the calls newer
+    ``pymilvus`` clients try first and Lite does not implement (the client then falls back)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, NotImplementedError) and "not implemented" in str(exc))
+
+
+_GRPC_FILTER = _UnimplementedFilter()
+
+
 class MilvusIndex:
     """Milvus through ``pymilvus``: a FLAT (exact) inner-product collection.
 
@@ -165,6 +177,9 @@ class MilvusIndex:
         if dim < 1:
             raise ValueError(f"dim must be positive, got {dim}")
         self.dim, self.collection, self.uri, self.text = dim, collection, uri, text
+        grpc_log = logging.getLogger("grpc._server")
+        if _GRPC_FILTER not in grpc_log.filters:
+            grpc_log.addFilter(_GRPC_FILTER)
         self._client = MilvusClient(uri, token=token)
         if overwrite and self._client.has_collection(collection):
             self._client.drop_collection(collection)

@@ -19,6 +19,7 @@ from routerretriever.systems import run_systems
 def run_experiment(config: str | Path, rule: Rule | None = None) -> Path:
     """Train what is missing, score everything, write the report; returns ``results.md``."""
     cfg = ExperimentConfig.load(config)
+    cfg.check_paths()  # now, not when the first expert starts training
     start = time.perf_counter()
     train_all(cfg)
     exp = Experiment(cfg)

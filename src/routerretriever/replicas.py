@@ -137,7 +137,12 @@ def run(
     # A busy or small machine starts Serve's proxy slower than its 5 s readiness check allows.
     for var in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
         os.environ.setdefault(var, "60")
-    ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
     serve.start(http_options={"host": host, "port": port})
 
     @serve.deployment(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -140,7 +141,29 @@ def add_serve_parser(sub: Any) -> None:
         action="store_true",
         help="keep POST/DELETE /experts on without an API key on a non-loopback host",
     )
+    sv.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="log one line per request (method, path, status); --no-access-log for none",
+    )
     sv.set_defaults(func=cmd_serve)
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail now, with a hint, when ``host:port`` cannot be listened on."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise RouterRetrieverError(
+                f"cannot listen on {host}:{port} ({e.strerror or e}): is another server using "
+                "it? Stop it or choose another --port"
+            ) from None
 
 
 def _raise_open_files_limit() -> None:
@@ -220,6 +243,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     if not args.store.is_dir():
         raise RouterRetrieverError(f"--store {args.store}: expert store does not exist")
+    _check_port(args.host, args.port)  # before minutes of loading, not after
     if args.replicas:
         return _serve_replicas(args, api_key, admin)
     corpus = load_corpus(args.corpus)
@@ -230,7 +254,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         from routerretriever.distributed import ray_embedder
 
-        ray.init(address=args.ray_address, include_dashboard=False)
+        ray.init(
+            address=args.ray_address,
+            include_dashboard=False,
+            log_to_driver=False,  # the actors' logs would flood the terminal
+            logging_level=logging.WARNING,
+        )
         embedder = ray_embedder(encoder, actors=args.ray_actors)
     index = corpus_index(
         encoder,
@@ -275,7 +304,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             app,
             host=args.host,
             port=args.port,
-            log_level="warning",
+            log_level="info" if args.access_log else "warning",
+            access_log=args.access_log,
             lifespan="off",
             limit_concurrency=args.max_connections,  # more: 503 at once, not a stall
             timeout_keep_alive=5,

@@ -29,9 +29,10 @@ def _train_linear(x: np.ndarray, y: np.ndarray, n_out: int, binary: bool, seed: 
     """A linear layer over base embeddings: softmax head, or one sigmoid per output."""
     import torch
 
-    torch.manual_seed(seed)
     xt = torch.from_numpy(x)
-    head = torch.nn.Linear(x.shape[1], n_out)
+    with torch.random.fork_rng(devices=[]):  # seeded here, the caller's RNG state untouched
+        torch.manual_seed(seed)
+        head = torch.nn.Linear(x.shape[1], n_out)
     opt = torch.optim.Adam(head.parameters(), lr=1e-2, weight_decay=1e-4)
     yt = torch.from_numpy(y)
     for _ in range(300):

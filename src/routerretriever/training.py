@@ -15,6 +15,7 @@ import logging
 import random
 import resource
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -229,18 +230,34 @@ def fit_expert(
     train: TrainConfig | None = None,
     show_progress: bool | None = None,
 ) -> tuple[torch.nn.Module, ExpertInfo]:
-    """Train a LoRA on ``sets`` and return the PEFT model (in eval mode) and its metadata."""
+    """Train a LoRA on ``sets`` and return the PEFT model (in eval mode) and its metadata.
+
+    Deterministic for a fixed ``train.seed`` on one machine: batches come from a generator of
+    that seed, and the LoRA's initialisation and dropout from torch's generator seeded inside a
+    forked RNG state, so the caller's global random state is left as it was.
+    """
+    train = train or TrainConfig()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(train.seed)
+        return _fit(encoder, sets, name, expert, train, show_progress)
+
+
+def _fit(
+    encoder: Encoder,
+    sets: Sequence[TrainingSet],
+    name: str,
+    expert: ExpertConfig | None,
+    train: TrainConfig,
+    show_progress: bool | None,
+) -> tuple[torch.nn.Module, ExpertInfo]:
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import AutoModel
 
     check_name(name)
-    expert, train = expert or ExpertConfig(), train or TrainConfig()
+    expert = expert or ExpertConfig()
     if not sets:
         raise ValueError("need at least one training set")
     start = time.perf_counter()
-    random.seed(train.seed)
-    np.random.seed(train.seed)
-    torch.manual_seed(train.seed)
     rng = random.Random(train.seed)
 
     max_len = min(
@@ -250,7 +267,9 @@ def fit_expert(
     weights = [len(d.qids) for d in domains]
 
     base = AutoModel.from_pretrained(encoder.model_path, use_safetensors=True).to(encoder.device)
-    model = get_peft_model(base, expert.lora_config())
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+        model = get_peft_model(base, expert.lora_config())
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     warmup = int(train.max_steps * train.warmup_ratio)
