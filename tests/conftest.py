@@ -13,6 +13,50 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 PROBES = ["effects of statins on cancer", "wind tunnel tests of wings", "reading list"]
 
 
+_TINY_MODEL: list[Path] = []
+
+
+def tiny_model_path() -> Path:
+    """A randomly initialised 3-layer, 32-wide BERT with MiniLM's tokenizer and sentence-
+    transformers settings (mean pooling, normalised), made once per test process: the
+    mechanics of adapters, routing, batching and the service run on it in milliseconds. Tests
+    that assert retrieval quality use the real all-MiniLM-L6-v2 instead."""
+    if not _TINY_MODEL:
+        import json
+        import tempfile
+
+        import torch
+        from transformers import BertConfig, BertModel
+
+        from routerretriever.model_folder import default_model_path
+
+        src = Path(default_model_path())
+        dst = Path(tempfile.mkdtemp(prefix="rr-tiny-bert-"))
+        config = BertConfig(
+            vocab_size=30522,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=512,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            BertModel(config, add_pooling_layer=False).save_pretrained(dst, safe_serialization=True)
+        for name in (
+            "vocab.txt",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+        ):
+            shutil.copy(src / name, dst / name)
+        shutil.copytree(src / "1_Pooling", dst / "1_Pooling")
+        shutil.copy(src / "modules.json", dst / "modules.json")
+        (dst / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128}))
+        _TINY_MODEL.append(dst)
+    return _TINY_MODEL[0]
+
+
 def state_digest(model) -> str:
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
@@ -30,7 +74,7 @@ def trained(tmp_path_factory):
     from routerretriever import Encoder
     from routerretriever.training import TrainConfig, fit_expert, load_training_set, save_expert
 
-    enc = Encoder.load()
+    enc = Encoder.load(tiny_model_path())
     base_digest = state_digest(enc.model)
     cache = tmp_path_factory.mktemp("cache")
     store = tmp_path_factory.mktemp("store")

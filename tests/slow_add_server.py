@@ -1,5 +1,5 @@
 """A server whose expert adds pause for a minute before they commit, for the kill test:
-``python tests/slow_add_server.py STORE CORPUS CACHE PORT``."""
+``python tests/slow_add_server.py STORE CORPUS CACHE PORT MODEL``."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from routerretriever.service import create_app
 from routerretriever.serving import Engine
 
 if __name__ == "__main__":
-    store, corpus, cache, port = sys.argv[1:5]
+    store, corpus, cache, port, model = sys.argv[1:6]
     engine = Engine.open(
-        Encoder.load(),
+        Encoder.load(model),
         store,
         load_corpus(corpus),
         [Domain("tiny", corpus, "corpus")],

@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 
 from routerretriever.cli import main
-from tests.conftest import TINY
+from tests.conftest import TINY, tiny_model_path
 
 
 def test_evaluate_prints_table_and_writes_json(tiny, tmp_path, capsys):
@@ -107,7 +107,7 @@ def test_evaluate_a_saved_router_on_any_beir_folder(trained, tiny, tmp_path, cap
     from routerretriever.retriever import RouterRetriever
 
     _, store, _ = trained
-    enc = Encoder.load()
+    enc = Encoder.load(tiny_model_path())
     for name in ("alpha", "beta"):
         load_expert(enc, store / name)
     texts = ["statins", "wings", "libraries"]
@@ -216,7 +216,8 @@ def test_experts_show_remove_and_caveats(trained, tmp_path, capsys):
     assert main(["experts", "show", str(store), "gamma"]) == 2
     assert "no expert 'gamma'" in capsys.readouterr().err
 
-    assert main(["evaluate", str(TINY), "--expert", str(store / "beta")]) == 0
+    model = ["--model", str(tiny_model_path())]
+    assert main(["evaluate", str(TINY), "--expert", str(store / "beta"), *model]) == 0
     assert "warning: expert beta kept step 0" in capsys.readouterr().err
 
     assert main(["experts", "remove", str(store), "beta"]) == 2

@@ -10,7 +10,7 @@ import torch
 from routerretriever import Encoder, ModelError
 from routerretriever.experts import check_folder, list_experts, load_expert
 from routerretriever.losses import contrastive_loss
-from tests.conftest import PROBES
+from tests.conftest import PROBES, tiny_model_path
 
 
 def test_training_lowers_loss_and_changes_only_lora_weights(trained):
@@ -31,14 +31,14 @@ def test_training_lowers_loss_and_changes_only_lora_weights(trained):
 
 def test_save_then_load_gives_identical_embeddings(trained):
     _, store, out = trained
-    enc = Encoder.load()
+    enc = Encoder.load(tiny_model_path())
     load_expert(enc, store / "alpha")
     np.testing.assert_allclose(enc.encode(PROBES, experts="alpha"), out["alpha"][2], atol=1e-6)
 
 
 def test_switching_experts_on_one_base_model(trained):
     _, store, out = trained
-    enc = Encoder.load()
+    enc = Encoder.load(tiny_model_path())
     base = enc.encode(PROBES)
     for name in ("alpha", "beta"):
         load_expert(enc, store / name)

@@ -7,7 +7,7 @@ from routerretriever import FaissIndex
 from routerretriever.index import MilvusIndex
 
 
-@pytest.fixture(params=["faiss", "milvus-lite"])
+@pytest.fixture(params=["faiss", pytest.param("milvus-lite", marks=pytest.mark.slow)])
 def make_index(request, tmp_path):
     """The same tests for each backend: FAISS in process, Milvus Lite in a local file."""
     if request.param == "faiss":
@@ -65,6 +65,7 @@ def test_errors(make_index):
     assert make_index(4).search(np.zeros((2, 4), dtype=np.float32), 3) == [[], []]
 
 
+@pytest.mark.slow
 def test_milvus_lite_start_up_logs_no_grpc_tracebacks(tmp_path, caplog):
     pytest.importorskip("milvus_lite")
     import logging

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tests.conftest import TINY
+from tests.conftest import TINY, tiny_model_path
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -23,7 +23,7 @@ def test_the_saved_system_example_is_five_lines_and_runs(trained, tmp_path, monk
 
     _, store, _ = trained
     monkeypatch.setenv("ROUTERRETRIEVER_CACHE", str(tmp_path / "cache"))
-    enc = Encoder.load()
+    enc = Encoder.load(tiny_model_path())
     for name in ("alpha", "beta"):
         load_expert(enc, store / name)
     pilots = build_pilot_library(enc, [Domain("tiny", TINY, "corpus")], max_instances=20)
@@ -46,6 +46,7 @@ def test_the_folder_of_experts_example_runs(trained, tmp_path, monkeypatch):
     code = block_after("From a folder of experts")
     code = code.replace('("scifact", "med")', '("alpha", "beta")')
     code = code.replace("examples/runs/demo/experts", str(store))
+    code = code.replace("Encoder.load()", f'Encoder.load("{tiny_model_path()}")')
     code = re.sub(r"domains = \[.*\]", f'domains = [Domain("tiny", "{TINY}", "corpus")]', code)
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)

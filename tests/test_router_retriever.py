@@ -14,13 +14,13 @@ from routerretriever.pseudo import make_pseudo_queries
 from routerretriever.retriever import RouterRetriever, per_query_ndcg
 from routerretriever.router import route
 from routerretriever.store import embed_corpus
-from tests.conftest import TINY
+from tests.conftest import TINY, tiny_model_path
 
 
 @pytest.fixture(scope="module")
 def setup(trained, tmp_path_factory):
     _, store, _ = trained
-    enc = Encoder.load()
+    enc = Encoder.load(tiny_model_path())
     for name in ("alpha", "beta"):
         load_expert(enc, store / name)
     ds = load_beir(TINY)
@@ -38,17 +38,28 @@ def setup(trained, tmp_path_factory):
     return enc, ds, index, domains
 
 
+_MEMO: dict = {}  # (encoder id, expert or "emb", domain) -> scores or embeddings, per session
+
+
 def instances(enc, index, domains, names, experts, calls):
+    """Each named domain's instances scored by ``experts``; ``calls`` records what is scored
+    (the scores themselves are computed once per session: they never change)."""
+
     def scorer(expert, di):
         calls.append((expert, di.domain))
-        q, r = domains[di.domain]
-        return per_query_ndcg(enc, expert, index, q, r)[0]
+        key = (id(enc), expert, di.domain)
+        if key not in _MEMO:
+            q, r = domains[di.domain]
+            _MEMO[key] = per_query_ndcg(enc, expert, index, q, r)[0]
+        return _MEMO[key]
 
     out = []
     for name in names:
         q, r = domains[name]
-        emb = enc.encode(list(q.values()))
-        di = DomainInstances(name, list(q), emb)
+        key = (id(enc), "emb", name)
+        if key not in _MEMO:
+            _MEMO[key] = enc.encode(list(q.values()))
+        di = DomainInstances(name, list(q), _MEMO[key])
         for e in experts:
             di.scores[e] = scorer(e, di)
         out.append(di)
@@ -176,7 +187,7 @@ def test_identity_expert_runs_as_the_base_model(trained, tmp_path):
         {k: v * 0 if ".lora_B." in k else v for k, v in w.items()},
         str(ident / "adapter_model.safetensors"),
     )
-    enc = Encoder.load()
+    enc = Encoder.load(tiny_model_path())
     load_expert(enc, ident, "ident")
     load_expert(enc, store / "alpha")
     assert enc.is_identity("ident") and not enc.is_identity("alpha")
@@ -239,7 +250,9 @@ def test_pilots_in_a_cut_space_route_on_the_first_layers(setup, tmp_path):
     )
     np.testing.assert_allclose(rr.encode_queries(texts), full, atol=1e-5)
     lib.layers = 9
-    with pytest.raises(ValueError, match="routes on 9 layers; the base model has 6"):
+    with pytest.raises(
+        ValueError, match=f"routes on 9 layers; the base model has {enc.num_layers}"
+    ):
         RouterRetriever(enc, lib)
 
 

@@ -19,7 +19,7 @@ from routerretriever import load_beir
 from routerretriever.batching import Limits, MicroBatcher
 from routerretriever.instances import Domain
 from routerretriever.serving import SERVED, Engine
-from tests.conftest import TINY
+from tests.conftest import TINY, tiny_model_path
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -54,7 +54,7 @@ def store_src(trained, tmp_path_factory):
 def svc_encoder():
     from routerretriever import Encoder
 
-    return Encoder.load()
+    return Encoder.load(tiny_model_path())
 
 
 @pytest.fixture
@@ -185,7 +185,7 @@ def test_live_add_equals_a_fresh_start(engine):
 
     engine.add_expert("beta")
     fresh = Engine.open(
-        Encoder.load(),
+        Encoder.load(tiny_model_path()),
         engine.store,
         load_beir(TINY).corpus,
         DOMAINS,
@@ -203,7 +203,7 @@ def test_experts_asked_for_at_start_replace_the_saved_set(engine, caplog):
 
     assert json.loads((engine.store / SERVED).read_text())["experts"] == {"alpha": "alpha"}
     again = Engine.open(
-        Encoder.load(),
+        Encoder.load(tiny_model_path()),
         engine.store,
         load_beir(TINY).corpus,
         DOMAINS,
@@ -403,6 +403,7 @@ def test_a_damaged_score_cache_is_recomputed(svc_encoder, store_src, tmp_path):
             svc_encoder.remove_adapter(name)
 
 
+@pytest.mark.slow
 def test_search_answers_equal_with_faiss_and_milvus_lite(engine, tmp_path):
     pytest.importorskip("milvus_lite")
     from routerretriever.index import MilvusIndex
@@ -417,10 +418,11 @@ def test_search_answers_equal_with_faiss_and_milvus_lite(engine, tmp_path):
     for f, m in zip(with_faiss, with_milvus, strict=True):
         assert m.expert == f.expert and [d for d, _ in m.hits] == [d for d, _ in f.hits]
         np.testing.assert_allclose([s for _, s in m.hits], [s for _, s in f.hits], atol=1e-5)
-    with pytest.raises(ValueError, match="has vector dim 384, not 8"):
+    with pytest.raises(ValueError, match=f"has vector dim {engine.encoder.dim}, not 8"):
         MilvusIndex(str(tmp_path / "m.db"), 8)
 
 
+@pytest.mark.slow
 def test_a_milvus_collection_of_the_same_corpus_is_reused(encoder, tmp_path):
     pytest.importorskip("milvus_lite")
     from routerretriever.indexes import corpus_index
@@ -461,6 +463,7 @@ def test_a_milvus_collection_of_the_same_corpus_is_reused(encoder, tmp_path):
         corpus_index(encoder, corpus, backend="milvus")
 
 
+@pytest.mark.slow
 def test_ray_and_single_process_embeddings_agree(encoder, tmp_path):
     pytest.importorskip("ray")
     import ray
@@ -496,7 +499,8 @@ def start_server(store: Path, cache: Path, extra_env: dict | None = None, *args:
     from benchmarks.service_load import start_server as start
 
     serve = ["--store", str(store), "--corpus", str(TINY), "--domain", f"tiny={TINY}:corpus"]
-    serve += ["--cache-dir", str(cache), "--routing-precision", "float32", *args]
+    serve += ["--cache-dir", str(cache), "--routing-precision", "float32"]
+    serve += ["--model", str(tiny_model_path()), *args]
     return start(serve, extra_env, timeout=120)
 
 
@@ -509,6 +513,7 @@ def stop(proc) -> None:
             proc.kill()
 
 
+@pytest.mark.slow
 def test_load_with_live_expert_changes_on_loopback_has_no_errors(store_src, tmp_path):
     import httpx
 
@@ -542,7 +547,7 @@ def start_slow_add_server(store: Path, cache: Path):
 
     port = _free_port()
     script = Path(__file__).with_name("slow_add_server.py")
-    args = [str(store), str(TINY), str(cache), str(port)]
+    args = [str(store), str(TINY), str(cache), str(port), str(tiny_model_path())]
     proc = subprocess.Popen([sys.executable, str(script), *args], cwd=script.parent.parent)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -556,6 +561,7 @@ def start_slow_add_server(store: Path, cache: Path):
     raise RuntimeError("the slow-add server did not start")
 
 
+@pytest.mark.slow
 def test_killed_while_adding_an_expert_restarts_consistent(store_src, tmp_path):
     import httpx
 
@@ -711,10 +717,11 @@ def test_the_official_openai_client_gets_routed_base_and_expert_embeddings(engin
     np.testing.assert_allclose(doc.data[0].embedding, base.data[0].embedding, atol=1e-6)
     with pytest.raises(openai.NotFoundError, match="unknown model 'gamma'"):
         client.embeddings.create(model="gamma", input="x")
-    with pytest.raises(openai.BadRequestError, match="dimensions must be 384"):
+    with pytest.raises(openai.BadRequestError, match=f"dimensions must be {engine.encoder.dim}"):
         client.embeddings.create(model="auto", input="x", dimensions=12)
 
 
+@pytest.mark.slow
 def test_a_thousand_half_open_connections_do_not_stall_a_good_client(store_src, tmp_path):
     """1,000 clients that send half a request head and stop: a well-behaved client is still
     answered within 2 s, and the stalled connections are closed by the header timeout."""
@@ -768,6 +775,7 @@ def test_two_ray_serve_replicas_follow_one_served_set(store_src, tmp_path):
     shutil.copytree(store_src, store)
     serve = ["--store", str(store), "--corpus", str(TINY), "--domain", f"tiny={TINY}:corpus"]
     serve += ["--cache-dir", str(tmp_path / "cache"), "--expert", "alpha", "--replicas", "2"]
+    serve += ["--model", str(tiny_model_path())]
     proc, url = start(serve, None, timeout=600)
 
     def replicas_seen(want: list[str], tries: int = 200) -> dict[int, list[str]]:
@@ -842,6 +850,7 @@ def test_fused_search_mixes_base_into_the_routed_expert_and_fuses_bm25(
         Engine(svc_encoder, store, engine.index, alpha=0.5)
 
 
+@pytest.mark.slow
 def test_milvus_full_text_search_serves_the_lexical_side(encoder, tmp_path):
     pytest.importorskip("milvus_lite")
     from routerretriever.index import MilvusIndex
