@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from routerretriever.cli import main
 from tests.conftest import TINY, tiny_model_path
 
@@ -241,3 +243,25 @@ def test_caveat_names_an_expert_below_the_base():
         "x", "m", "f", training={"best_step": 5}, dev={"ndcg@10": 0.5, "base_ndcg@10": 0.4}
     )
     assert caveat(info) is None
+
+
+def test_router_build_bundles_a_routed_model_that_evaluate_reads(trained, tmp_path, capsys):
+    from routerretriever import evaluate_retriever, load_beir
+    from routerretriever.retriever import RouterRetriever
+
+    _, store, _ = trained
+    model = ["--model", str(tiny_model_path()), "--cache-dir", str(tmp_path / "c")]
+    args = ["router", "build", "--expert", str(store / "alpha"), "--expert", str(store / "beta")]
+    args += ["--domain", f"tiny={TINY}:corpus", "--out", str(tmp_path / "rr"), "--alpha", "0.7"]
+    assert main([*args, *model]) == 0
+    assert f"routed model -> {tmp_path / 'rr'}" in capsys.readouterr().out
+    back = RouterRetriever.load(tmp_path / "rr")
+    assert back.alpha == 0.7 and back.encoder.experts == ["alpha", "beta"]
+    out = tmp_path / "s.json"
+    ev = ["evaluate", str(TINY), "--router", str(tmp_path / "rr"), "--json", str(out)]
+    assert main([*ev, "--cache-dir", str(tmp_path / "c")]) == 0
+    want = evaluate_retriever(back, load_beir(TINY)).scores["ndcg@10"]
+    assert json.loads(out.read_text())["tiny"]["scores"]["ndcg@10"] == want
+    with pytest.raises(SystemExit) as exit_:  # argparse refuses it, before any loading
+        main([*args[:-2], "--alpha", "2", *model])
+    assert exit_.value.code == 2 and "--alpha must be in [0, 1]" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from routerretriever.errors import RouterRetrieverError
 API_KEY_ENV = "ROUTERRETRIEVER_API_KEY"
 
 
-def _unit_float(flag: str) -> Callable[[str], float]:
+def unit_float(flag: str) -> Callable[[str], float]:
     """argparse type: a number in [0, 1], or a message naming ``flag``."""
 
     def parse(text: str) -> float:
@@ -78,14 +78,14 @@ def add_serve_parser(sub: Any) -> None:
     sv.add_argument("--rule", choices=["mean", "weighted", "nearest"], default="weighted")
     sv.add_argument(
         "--alpha",
-        type=_unit_float("--alpha"),
+        type=unit_float("--alpha"),
         default=0.5,
         help="the dense side's weight when fused with BM25 (1: dense only; default 0.5, the "
         "experiment's dev choice, docs/results.md); with --index milvus, Milvus's own BM25",
     )
     sv.add_argument(
         "--base-mix",
-        type=_unit_float("--base-mix"),
+        type=unit_float("--base-mix"),
         default=0.3,
         help="share of the base model's query vector mixed into the routed expert's (0: the "
         "paper's hard routing; default 0.3, the experiment's dev choice; costs no extra pass)",
