@@ -1,10 +1,11 @@
-"""What the HTTP service serves: a thread-safe search engine with live expert add/remove, and a
-micro-batcher that merges concurrent requests into one routed batch.
+"""What the HTTP service serves: a thread-safe search engine with live expert add/remove.
 
-The engine holds the shared corpus index, the base encoder with the served experts, and the pilot
-library built from each configured domain's instances (Algorithm 1). Adding an expert scores only
+The engine holds the shared corpus index (and, with ``alpha < 1``, the lexical index beside it),
+the base encoder with the served experts, and the pilot library built from each configured
+domain's instances (Algorithm 1, :mod:`routerretriever.instances`). Adding an expert scores only
 what it changes (the new expert on every domain's instances; per-(expert, domain) scores are
 cached on disk) and regroups; removing one regroups with no scoring. Neither trains anything.
+Concurrent requests reach it through :class:`routerretriever.batching.MicroBatcher`.
 
 The served experts are recorded in ``STORE/.served.json``, written atomically only once a new
 library is complete: a server killed in the middle of an add restarts with the expert either
@@ -94,8 +95,6 @@ class Engine:
         self.rule: Rule = rule
         self.routing_precision: RoutingPrecision = routing_precision
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        self.max_instances = max_instances
-        self.seed = seed
         self.batch_size = batch_size
         self.served: dict[str, str] = {}  # name -> folder relative to the store
         self.infos: dict[str, ExpertInfo] = {}
