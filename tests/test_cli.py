@@ -143,6 +143,13 @@ def test_cli_mistakes_are_one_line_errors_not_tracebacks(tmp_path, capsys):
     assert main(["experiment", str(tmp_path / "bad.toml")]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'bad.toml'}: not valid TOML" in err and "Traceback" not in err
+    (tmp_path / "notbeir").mkdir()
+    (tmp_path / "notbeir" / "corpus.jsonl").write_text('{"_id": "d1", "text": "x"}\n')
+    assert main(["evaluate", str(tmp_path / "notbeir")]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "not a BEIR folder: no queries.jsonl, no qrels/test.tsv" in err and "Traceback" not in err
+    )
     (tmp_path / "nodata.toml").write_text(
         'data_root = "nowhere"\nstore = "st"\nresults = "rs"\n'
         '[[domains]]\nname = "scifact"\npath = "beir/scifact"\ntrain = "train"\n'

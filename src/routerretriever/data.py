@@ -191,7 +191,18 @@ def load_qrels(folder: str | Path, split: str = "test") -> Qrels:
     path = Path(folder) / "qrels" / f"{split}.tsv"
     if not path.is_file():
         splits = available_splits(folder)
-        raise DataError(f"unknown split {split!r}; available splits: {splits or 'none'}", folder)
+        if not splits:
+            missing = [
+                n
+                for n in ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv")
+                if not (Path(folder) / n).is_file() and not (Path(folder) / f"{n}.gz").is_file()
+            ]
+            raise DataError(
+                f"not a BEIR folder: no {', no '.join(missing)} (a BEIR folder holds "
+                "corpus.jsonl, queries.jsonl and qrels/<split>.tsv)",
+                folder,
+            )
+        raise DataError(f"unknown split {split!r}; available splits: {splits}", folder)
     qrels: Qrels = {}
     lineno = 0
     try:
