@@ -222,9 +222,18 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
     if not args.config.is_file():
         raise RouterRetrieverError(f"{args.config}: no such config file")
+    # A long run says what it is doing, phase by phase, even without -v.
+    logging.getLogger("routerretriever").setLevel(logging.INFO)
     path = run_experiment(args.config, rule=args.rule)
     print(path.read_text())
+    default = json.loads((path.parent / "results.json").read_text()).get("default", {})
     print(f"wrote {path} (and results.json, growth.png, routing.png beside it)")
+    if default:
+        print(
+            f"default system: {default['name']}, test average {100 * default['average']:.1f}; "
+            f"saved as {path.parent / 'router'} (use it: routerretriever evaluate DIR --router "
+            f"{path.parent / 'router'}); read results.md first, then docs/results.md"
+        )
     return 0
 
 

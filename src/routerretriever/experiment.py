@@ -145,10 +145,24 @@ class ExperimentConfig:
 # -- step 1: experts ---------------------------------------------------------------------------
 
 
-def train_one(cfg: ExperimentConfig, name: str, specs: Sequence[DomainSpec], steps: int) -> None:
+def train_one(
+    cfg: ExperimentConfig,
+    name: str,
+    specs: Sequence[DomainSpec],
+    steps: int,
+    log_level: int = logging.WARNING,
+) -> None:
     """Train expert ``name`` on ``specs`` with the library, every ``[train]`` and ``[pseudo]``
-    setting of the config applied (a domain's ``overrides`` on top, for a one-domain expert)."""
+    setting of the config applied (a domain's ``overrides`` on top, for a one-domain expert).
+    Run in a spawned process, it logs at the parent's ``log_level``."""
+    from transformers.utils import logging as hf_logging
+
+    from routerretriever.experts import caveat
     from routerretriever.training import train_expert
+
+    if not logging.getLogger().handlers:  # a fresh (spawned) interpreter: as the parent logs
+        logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
+    hf_logging.disable_progress_bar()
 
     t = cfg.train
     if len(specs) == 1 and specs[0].overrides:
@@ -177,6 +191,9 @@ def train_one(cfg: ExperimentConfig, name: str, specs: Sequence[DomainSpec], ste
         info.training["steps_run"],
         info.seconds,
     )
+    note = caveat(info)
+    if note:
+        logger.warning(note)
 
 
 def train_all(cfg: ExperimentConfig) -> None:
@@ -193,7 +210,10 @@ def train_all(cfg: ExperimentConfig) -> None:
             logger.info("expert %s already trained; keeping it", name)
             continue
         logger.info("training expert %s", name)
-        proc = spawn.Process(target=train_one, args=(cfg, name, specs, steps), name=f"train-{name}")
+        level = logging.getLogger(__name__).getEffectiveLevel()
+        proc = spawn.Process(
+            target=train_one, args=(cfg, name, specs, steps, level), name=f"train-{name}"
+        )
         proc.start()
         proc.join()
         if proc.exitcode != 0:
@@ -226,6 +246,7 @@ class Experiment:
         self.lexical: dict[str, BM25Index] = {}
         for spec in cfg.domains:
             ds = load_beir(spec.path, cfg.test_split)
+            logger.info("indexing %s (%d documents, dense and BM25)", spec.name, len(ds.corpus))
             emb = embed_corpus(
                 self.encoder, ds.corpus, cache_dir=cfg.cache_dir, batch_size=cfg.batch_size
             )
@@ -256,6 +277,7 @@ class Experiment:
             with np.load(path, allow_pickle=False) as f:
                 if f["qids"].tolist() == list(queries):
                     return f["ndcg"], f["emb"]
+        logger.info("scoring %s: %d queries (%s)", model, len(queries), key)
         ndcg, emb = per_query_ndcg(
             self.encoder, model, dom.index, queries, qrels, self.cfg.batch_size
         )
@@ -336,6 +358,7 @@ class Experiment:
             with np.load(path, allow_pickle=False) as f:
                 if f["qids"].tolist() == list(queries):
                     return f["emb"]
+        logger.info("routing-pass embeddings %s: %d queries (%s)", tag, len(queries), key)
         emb = self.encoder.encode(
             list(queries.values()),
             layers=layers,

@@ -3,6 +3,7 @@ the pool, save the default system, write the report."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from routerretriever.retriever import RouterRetriever
 from routerretriever.router import Rule
 from routerretriever.systems import run_systems
 
+logger = logging.getLogger(__name__)
+
 
 def run_experiment(config: str | Path, rule: Rule | None = None) -> Path:
     """Train what is missing, score everything, write the report; returns ``results.md``."""
@@ -24,6 +27,7 @@ def run_experiment(config: str | Path, rule: Rule | None = None) -> Path:
     train_all(cfg)
     exp = Experiment(cfg)
     res = run_systems(exp, rule)
+    logger.info("the pool with a lexical member: every candidate on dev and test")
     res["pool"], systems = run_pool(exp, exp.instances("train"), res["rule"])
     # The default system travels: experts, routing policy and BM25 settings in one folder
     # (each family's choice too, under routers/, for benchmarks/route_speed.py).
@@ -40,4 +44,5 @@ def run_experiment(config: str | Path, rule: Rule | None = None) -> Path:
     for k in cfg.routing_layers:
         insts_k = exp.in_space({}, {"train": train_inst}, k)[1]["train"]
         build_pilots(insts_k, exp.experts, layers=k).save(cfg.results / f"pilots-{k}-layers")
+    logger.info("writing the report")
     return write_report(exp, res)

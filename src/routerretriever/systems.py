@@ -90,6 +90,7 @@ def _dev_score(lib: PilotLibrary, dev: list[DomainInstances], rule: Rule) -> flo
 
 def run_systems(exp: Experiment, rule: Rule | None = None) -> dict[str, Any]:
     """All systems of the paper's Table 1, plus zero-shot (Table 2) and growth (Table 3)."""
+    logger.info("the paper's systems: baselines, routers, oracles, zero-shot, growth")
     cfg = exp.cfg
     test = exp.test_scores()
     train_inst, dev_inst = exp.instances("train"), exp.instances("dev")
