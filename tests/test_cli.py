@@ -10,9 +10,8 @@ from tests.conftest import TINY, tiny_model_path
 
 def test_evaluate_prints_table_and_writes_json(tiny, tmp_path, capsys):
     out = tmp_path / "scores.json"
-    assert (
-        main(["evaluate", str(tiny), "--cache-dir", str(tmp_path / "c"), "--json", str(out)]) == 0
-    )
+    args = ["evaluate", str(tiny), "--cache-dir", str(tmp_path / "c"), "--json", str(out)]
+    assert main([*args, "--model", str(tiny_model_path())]) == 0
     printed = capsys.readouterr().out
     assert "| dataset" in printed and "ndcg@10" in printed and "tiny" in printed
     report = json.loads(out.read_text())["tiny"]
@@ -49,6 +48,8 @@ def test_train_expert_list_and_evaluate_with_it(tiny, tmp_path, capsys):
         "2",
         "--batch-size",
         "8",
+        "--model",
+        str(tiny_model_path()),
     ]
     assert main(args) == 0
     assert "expert tiny ->" in capsys.readouterr().out
@@ -67,6 +68,8 @@ def test_train_expert_list_and_evaluate_with_it(tiny, tmp_path, capsys):
                 str(tmp_path / "c"),
                 "--json",
                 str(out),
+                "--model",
+                str(tiny_model_path()),
             ]
         )
         == 0

@@ -7,7 +7,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from routerretriever import load_beir
@@ -72,6 +72,7 @@ def test_cli_data_get_refuses_a_file_that_is_not_the_published_zip(tmp_path, cap
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
+@example(names=[":", ":/a"])  # a file and a folder of one name: once a traceback
 @given(names=st.lists(st.text(alphabet="ab./\\\\:~-_ ", min_size=1, max_size=12), max_size=4))
 def test_any_member_names_stay_inside_or_are_refused(tmp_path, names):
     import shutil

@@ -90,9 +90,14 @@ def _unpack(archive: Path, name: str, into: Path) -> None:
                 dest = (root / Path(*parts)).resolve()
                 if not dest.is_relative_to(root) or ".." in parts:
                     raise DataError(f"{member.filename!r} would land outside the dataset", archive)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                with z.open(member) as src, open(dest, "wb") as out:
-                    shutil.copyfileobj(src, out)
+                try:
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    with z.open(member) as src, open(dest, "wb") as out:
+                        shutil.copyfileobj(src, out)
+                except OSError as e:  # e.g. a file and a folder of one name
+                    raise DataError(
+                        f"{member.filename[:200]!r} cannot be unpacked ({e.strerror or e})", archive
+                    ) from None
     except zipfile.BadZipFile:
         raise DataError("not a zip archive", archive) from None
 
