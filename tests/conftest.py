@@ -106,6 +106,14 @@ def encoder():
     return Encoder.load()
 
 
+@pytest.fixture(scope="session")
+def tiny_encoder():
+    """The tiny random BERT (:func:`tiny_model_path`) loaded once per session: for mechanics."""
+    from routerretriever import Encoder
+
+    return Encoder.load(tiny_model_path())
+
+
 @pytest.fixture
 def tiny(tmp_path: Path) -> Path:
     """A writable copy of the tiny BEIR fixture."""

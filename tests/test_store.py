@@ -11,7 +11,7 @@ from routerretriever.store import SPOT_CHECKS
 
 
 class CountingEncoder:
-    """The real encoder, counting how many texts it embeds."""
+    """An encoder, counting how many texts it embeds."""
 
     def __init__(self, encoder):
         self._encoder, self.texts = encoder, 0
@@ -24,9 +24,9 @@ class CountingEncoder:
         return self._encoder.encode(texts, **kwargs)
 
 
-def test_second_evaluation_reuses_cached_corpus_embeddings(encoder, tiny, tmp_path):
+def test_second_evaluation_reuses_cached_corpus_embeddings(tiny_encoder, tiny, tmp_path):
     ds = load_beir(tiny)
-    counting = CountingEncoder(encoder)
+    counting = CountingEncoder(tiny_encoder)
     retriever = DenseRetriever(counting, cache_dir=tmp_path / "cache")
     first = evaluate_retriever(retriever, ds)
     assert counting.texts == len(ds.corpus) + len(ds.queries)
@@ -42,25 +42,25 @@ def test_second_evaluation_reuses_cached_corpus_embeddings(encoder, tiny, tmp_pa
     assert len(list((tmp_path / "cache" / "corpus").glob("*.npz"))) == 1
 
 
-def test_changed_corpus_is_re_encoded(encoder, tmp_path):
+def test_changed_corpus_is_re_encoded(tiny_encoder, tmp_path):
     corpus = {"a": Document("alpha"), "b": Document("beta")}
-    first = embed_corpus(encoder, corpus, cache_dir=tmp_path)
+    first = embed_corpus(tiny_encoder, corpus, cache_dir=tmp_path)
     corpus["b"] = Document("gamma")
-    second = embed_corpus(encoder, corpus, cache_dir=tmp_path)
+    second = embed_corpus(tiny_encoder, corpus, cache_dir=tmp_path)
     assert not second.cached
     assert not np.allclose(first.embeddings[1], second.embeddings[1])
-    assert embed_corpus(encoder, corpus, cache_dir=tmp_path).cached
+    assert embed_corpus(tiny_encoder, corpus, cache_dir=tmp_path).cached
 
 
-def test_corrupt_cache_file_is_rebuilt(encoder, tmp_path, caplog):
+def test_corrupt_cache_file_is_rebuilt(tiny_encoder, tmp_path, caplog):
     corpus = {"a": Document("alpha"), "b": Document("beta")}
-    first = embed_corpus(encoder, corpus, cache_dir=tmp_path)
+    first = embed_corpus(tiny_encoder, corpus, cache_dir=tmp_path)
     (path,) = (tmp_path / "corpus").glob("*.npz")
     path.write_bytes(path.read_bytes()[:100])  # as if cut short
-    again = embed_corpus(encoder, corpus, cache_dir=tmp_path)
+    again = embed_corpus(tiny_encoder, corpus, cache_dir=tmp_path)
     assert not again.cached and "re-encoding" in caplog.text
     np.testing.assert_allclose(again.embeddings, first.embeddings, atol=1e-6)
-    assert embed_corpus(encoder, corpus, cache_dir=tmp_path).cached
+    assert embed_corpus(tiny_encoder, corpus, cache_dir=tmp_path).cached
 
 
 def test_killed_write_leaves_no_file(tmp_path: Path):
@@ -93,13 +93,13 @@ def test_replacing_a_folder_is_one_step_and_a_half_done_one_is_recovered(tmp_pat
     assert [p.name for p in tmp_path.iterdir()] == ["expert"]
 
 
-def test_a_cache_file_that_parses_but_lies_is_not_trusted(encoder, tiny, tmp_path):
+def test_a_cache_file_that_parses_but_lies_is_not_trusted(tiny_encoder, tiny, tmp_path):
     corpus = load_beir(tiny).corpus
-    first = embed_corpus(encoder, corpus, cache_dir=tmp_path)
+    first = embed_corpus(tiny_encoder, corpus, cache_dir=tmp_path)
     (path,) = (tmp_path / "corpus").glob("*.npz")
     for tamper in (lambda e: e[::-1].copy(), lambda e: np.full_like(e, np.nan)):
         np.savez(path, ids=np.array(first.ids, dtype=str), embeddings=tamper(first.embeddings))
-        again = embed_corpus(encoder, corpus, cache_dir=tmp_path)
+        again = embed_corpus(tiny_encoder, corpus, cache_dir=tmp_path)
         assert again.cached is False  # re-encoded, not read
         np.testing.assert_allclose(again.embeddings, first.embeddings, atol=1e-5)
-    assert embed_corpus(encoder, corpus, cache_dir=tmp_path).cached is True
+    assert embed_corpus(tiny_encoder, corpus, cache_dir=tmp_path).cached is True
