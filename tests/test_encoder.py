@@ -123,3 +123,16 @@ def test_bfloat16_variant_is_close_to_float32(encoder):
     assert not np.array_equal(low, full)  # it really ran in bfloat16
     assert (np.sum(low * full, axis=1) > 0.999).all()
     assert encoder.model.dtype == torch.float32
+
+
+def test_without_a_terminal_long_encodings_log_progress(tiny_encoder, monkeypatch, caplog):
+    import logging
+
+    import routerretriever.encoder as encoder_module
+
+    monkeypatch.setattr(encoder_module, "LOG_EVERY_S", 0.0)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
+    caplog.set_level(logging.INFO, logger="routerretriever.encoder")
+    tiny_encoder.encode([f"text number {i}" for i in range(40)], batch_size=8, desc="corpus")
+    lines = [r.getMessage() for r in caplog.records if "corpus:" in r.getMessage()]
+    assert lines and lines[0].startswith("corpus: 8 of 40 texts")

@@ -15,6 +15,8 @@ import hashlib
 import json
 import logging
 import os
+import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,6 +61,31 @@ class EncoderSettings:
             raise ValueError(f"similarity must be 'cosine' or 'dot', got {self.similarity!r}")
         if self.max_length < 1:
             raise ValueError(f"max_length must be positive, got {self.max_length}")
+
+
+LOG_EVERY_S = 15.0  # without a terminal, long encodings log their progress this often
+
+
+class _LogProgress:
+    """tqdm's ``update`` as an INFO log line at most every :data:`LOG_EVERY_S` seconds, for runs
+    whose output is not a terminal (logs, CI, spawned jobs): long work is never silent."""
+
+    def __init__(self, desc: str, total: int) -> None:
+        self.desc, self.total, self.done = desc, total, 0
+        self.last = time.monotonic()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= LOG_EVERY_S and self.done < self.total:
+            logger.info("%s: %d of %d texts", self.desc, self.done, self.total)
+            self.last = now
+
+    def __enter__(self) -> _LogProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 def _batches(ids: Sequence[Sequence[int]], order: list[int], size: int) -> list[list[int]]:
@@ -333,7 +360,12 @@ class Encoder:
         per_text = self._per_text_experts(experts, len(texts), model)
         out = np.empty((len(texts), self.dim), dtype=np.float32)  # (n, d)
         disable = None if show_progress is None else not show_progress  # None: only on a TTY
-        with tqdm(total=len(texts), desc=desc, unit="text", disable=disable, leave=False) as bar:
+        bar: Any
+        if show_progress is None and not sys.stderr.isatty():
+            bar = _LogProgress(desc, len(texts))  # no terminal: a log line now and then instead
+        else:
+            bar = tqdm(total=len(texts), desc=desc, unit="text", disable=disable, leave=False)
+        with bar:
             for start in range(0, len(texts), _TOKENIZE_CHUNK):
                 chunk = slice(start, start + _TOKENIZE_CHUNK)
                 ids = self.tokenize(texts[chunk])

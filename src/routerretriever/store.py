@@ -104,6 +104,7 @@ def embed_corpus(
             )
     else:
         texts = [doc.full_text for doc in corpus.values()]
+        logger.info("embedding %d documents (not in the cache yet)", len(texts))
         emb = encoder.encode(
             texts, batch_size=batch_size, show_progress=show_progress, desc="corpus"
         )
