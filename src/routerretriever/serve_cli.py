@@ -88,7 +88,8 @@ def add_serve_parser(sub: Any) -> None:
         type=unit_float("--base-mix"),
         default=0.3,
         help="share of the base model's query vector mixed into the routed expert's (0: the "
-        "paper's hard routing; default 0.3, the experiment's dev choice; costs no extra pass)",
+        "paper's hard routing; default 0.3: a hedge against a routed expert that does not help, "
+        "as the served engine has no gate; costs no extra pass)",
     )
     sv.add_argument("--routing-precision", choices=["auto", "float32", "bfloat16"], default="auto")
     sv.add_argument("--model", default=None, help="base model folder or hub id")
