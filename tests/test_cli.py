@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -30,7 +31,8 @@ def test_user_mistakes_are_one_line_errors(tiny, tmp_path, capsys):
     assert "unknown metric" in capsys.readouterr().err
 
 
-def test_train_expert_list_and_evaluate_with_it(tiny, tmp_path, capsys):
+def test_train_expert_list_and_evaluate_with_it(tiny, tmp_path, capsys, caplog):
+    logging.getLogger("routerretriever").setLevel(logging.WARNING)  # as at a fresh start
     store = tmp_path / "store"
     args = [
         "train-expert",
@@ -53,6 +55,8 @@ def test_train_expert_list_and_evaluate_with_it(tiny, tmp_path, capsys):
     ]
     assert main(args) == 0
     assert "expert tiny ->" in capsys.readouterr().out
+    # Without -v and without a terminal, training still says how it goes (no silent minutes).
+    assert "tiny step 2 loss" in caplog.text and "tiny step 4 loss" in caplog.text
     assert (store / "tiny" / "adapter_model.safetensors").is_file()
     assert main(["experts", "list", str(store)]) == 0
     assert "| tiny " in capsys.readouterr().out

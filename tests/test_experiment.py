@@ -90,3 +90,14 @@ train = "corpus"
     assert tiny["max_query_length"] == 24
     multi = json.loads((tmp_path / "store" / "multitask" / "expert.json").read_text())["training"]
     assert multi["temperature"] == 0.07 and multi["max_steps"] == 4  # one domain: 1 x budget
+    # multitask = false: the baseline is neither trained nor expected (the demo's setting).
+    import shutil
+
+    shutil.rmtree(tmp_path / "store" / "multitask")
+    config.write_text(
+        config.read_text().replace('results = "results"', 'results = "results"\nmultitask = false')
+    )
+    cfg = ExperimentConfig.load(config)
+    assert not cfg.multitask
+    train_all(cfg)  # the domain's expert is kept; nothing else is trained
+    assert not (tmp_path / "store" / "multitask").exists()

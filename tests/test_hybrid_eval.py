@@ -7,6 +7,7 @@ import pytest
 
 from routerretriever.encoder import BASE
 from routerretriever.hybrid_eval import (
+    Candidate,
     Library,
     QuerySet,
     candidate_grid,
@@ -86,13 +87,33 @@ def test_the_default_is_chosen_on_dev_and_fast(world):
     evaluate_candidates(cands, lib, dev, dev)
     default, best = choose(cands, ["x"], max_cost=1.0)
     assert default.cost <= 1.0
-    assert default.dev_mean() == max(c.dev_mean() for c in best.values() if c.cost <= 1.0)
+    assert default.dev_mean(["x"]) == max(c.dev_mean(["x"]) for c in best.values() if c.cost <= 1.0)
     fast, _ = choose(cands, ["x"], max_cost=0.5)
     assert fast.cost <= 0.5
     for fam, c in best.items():  # each family's alpha is its best on the labelled domain
         same = [o for o in cands if o.family == fam]
         assert c.dev_mean(["x"]) == max(o.dev_mean(["x"]) for o in same)
     assert best["knn-20-0.02-all"].cost > 1.0  # the full mixture needs both experts' passes
+    # With no labelled domain, every domain's dev instances decide both choices.
+    default, best = choose(cands, [], max_cost=1.0)
+    assert default.dev_mean() == max(c.dev_mean() for c in best.values() if c.cost <= 1.0)
+
+
+def test_pseudo_query_dev_instances_do_not_pick_the_family():
+    """A family that wins only on the unlabelled (pseudo-query) dev domain, where BM25 is easy,
+    is not the default: the family is chosen on the labelled dev queries."""
+
+    def cand(family, alpha, lab, pseudo):
+        return Candidate(
+            family, family, pilot_maker("weighted"), alpha, {"lab": lab, "pseudo": pseudo}, cost=0.0
+        )
+
+    lexical_heavy = cand("base", 0.3, 0.60, 0.90)
+    routed = cand("pilot", 0.6, 0.65, 0.70)
+    default, _ = choose([lexical_heavy, routed], ["lab"])
+    assert default is routed
+    default, _ = choose([lexical_heavy, routed], [])  # nothing labelled: all dev decides
+    assert default is lexical_heavy
 
 
 def test_gate_declines_the_expert_routed_to_that_hurts_and_keeps_the_one_that_pays(world):

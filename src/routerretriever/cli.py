@@ -25,6 +25,12 @@ def _write_json(path: Path, payload: object) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))
 
 
+def _log_phases() -> None:
+    """A long command says what it is doing, phase by phase, even without -v (on a terminal
+    its bars show too; elsewhere the encoder logs its progress every 15 s)."""
+    logging.getLogger("routerretriever").setLevel(logging.INFO)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from routerretriever.data import load_beir
     from routerretriever.encoder import Encoder
@@ -110,6 +116,7 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
     from routerretriever.training import TrainConfig, load_training_set, train_expert
 
     check_name(args.name)
+    _log_phases()
     train = TrainConfig(
         lr=args.lr,
         batch_size=args.batch_size,
@@ -222,8 +229,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
     if not args.config.is_file():
         raise RouterRetrieverError(f"{args.config}: no such config file")
-    # A long run says what it is doing, phase by phase, even without -v.
-    logging.getLogger("routerretriever").setLevel(logging.INFO)
+    _log_phases()
     path = run_experiment(args.config, rule=args.rule)
     print(path.read_text())
     default = json.loads((path.parent / "results.json").read_text()).get("default", {})

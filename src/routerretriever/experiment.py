@@ -64,6 +64,7 @@ class ExperimentConfig:
     routing_layers: list[int] = field(default_factory=list)  # also route on these first layers
     routing_bf16: bool = False  # also route with a bfloat16 routing pass
     bm25: BM25Config = field(default_factory=BM25Config)  # the pool's lexical member
+    multitask: bool = True  # train the multi-task LoRA baseline (Table 1's second row)
 
     @classmethod
     def load(cls, path: str | Path) -> ExperimentConfig:
@@ -112,6 +113,7 @@ class ExperimentConfig:
             routing_layers=[int(k) for k in raw.get("routing_layers", [])],
             routing_bf16=bool(raw.get("routing_bf16", False)),
             bm25=BM25Config(**raw.get("bm25", {})),
+            multitask=bool(raw.get("multitask", True)),
         )
 
     @property
@@ -202,8 +204,8 @@ def train_all(cfg: ExperimentConfig) -> None:
     import multiprocessing
 
     jobs = [(d.name, [d], cfg.train.max_steps) for d in cfg.expert_domains]
-    # The multi-task LoRA gets the budget of all experts together.
-    jobs.append((MULTITASK, cfg.expert_domains, cfg.train.max_steps * len(cfg.expert_domains)))
+    if cfg.multitask:  # the multi-task LoRA gets the budget of all experts together
+        jobs.append((MULTITASK, cfg.expert_domains, cfg.train.max_steps * len(cfg.expert_domains)))
     spawn = multiprocessing.get_context("spawn")
     for name, specs, steps in jobs:
         if (cfg.store / name / "expert.json").is_file():
@@ -239,9 +241,10 @@ class Experiment:
         self.cfg = cfg
         self.encoder = Encoder.load()
         self.experts = [d.name for d in cfg.expert_domains]
-        for name in [*self.experts, MULTITASK]:
+        trained = [*self.experts, MULTITASK] if cfg.multitask else self.experts
+        for name in trained:
             load_expert(self.encoder, cfg.store / name)
-        self.models = [BASE, *self.experts, MULTITASK]
+        self.models = [BASE, *trained]
         self.domains: dict[str, Domain] = {}
         self.lexical: dict[str, BM25Index] = {}
         for spec in cfg.domains:

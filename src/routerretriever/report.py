@@ -186,9 +186,9 @@ def _pool_section(pool: dict[str, Any], seen: list[str], unseen: list[str]) -> l
         f"{100 * d['average']:.1f}, zero-shot average {100 * d['zero_shot_average']:.1f}. "
         "dev (labelled): mean over the dev instances of "
         + ", ".join(lab)
-        + " (real queries; the lexical weight of each family is chosen there); dev (all): "
-        "mean over every domain's dev instances (the family is chosen there, among those "
-        f"needing at most {pool.get('max_passes', 1.0)} expert passes per query). passes: expert passes per query beyond "
+        + " (real queries; each family's lexical weight, then the family, among those needing "
+        f"at most {pool.get('max_passes', 1.0)} expert passes per query, are chosen there); "
+        "dev (all): mean over every domain's dev instances. passes: expert passes per query beyond "
         "the routing pass, on dev. Lexical weight each family would get if chosen on all dev "
         "instances, pseudo-queries included: "
         + ", ".join(f"{f} {a}" for f, a in pool["alpha_if_chosen_on_all_dev"].items())

@@ -110,7 +110,9 @@ def run_systems(exp: Experiment, rule: Rule | None = None) -> dict[str, Any]:
     dev_scores: dict[str, float] = {r: _dev_score(lib, dev_inst, r) for r in RULES}
     chosen: Rule = rule if rule is not None else max(RULES, key=lambda r: dev_scores[r])
 
-    systems: list[SystemResult] = [single(BASE, "Base model"), single(MULTITASK, "Multi-task LoRA")]
+    systems: list[SystemResult] = [single(BASE, "Base model")]
+    if MULTITASK in exp.models:
+        systems.append(single(MULTITASK, "Multi-task LoRA"))
     # Routers trained on the same training instances, labelled by their domain.
     x = np.concatenate([i.embeddings for i in train_inst])
     y = np.concatenate([np.full(len(i.ids), k) for k, i in enumerate(train_inst)])
@@ -208,17 +210,17 @@ def run_systems(exp: Experiment, rule: Rule | None = None) -> dict[str, Any]:
     per_expert = {m: {d: float(test[d][m].mean()) for d in [*seen, *unseen]} for m in exp.models}
 
     # Zero-shot (Table 2): each domain without its own expert and instances; unseen domains with all.
-    zero: dict[str, dict[str, float]] = {
-        "Base model": {},
-        "Multi-task LoRA": {},
-        f"RouterRetriever ({chosen})": {},
-        "InstanceOracle": {},
-    }
+    zero: dict[str, dict[str, float]] = {"Base model": {}}
+    if MULTITASK in exp.models:
+        zero["Multi-task LoRA"] = {}
+    zero[f"RouterRetriever ({chosen})"] = {}
+    zero["InstanceOracle"] = {}
     for d in [*seen, *unseen]:
         pool = [e for e in experts if e != d]
         insts = [i for i in train_inst if i.domain != d]
         zero["Base model"][d] = float(test[d][BASE].mean())
-        zero["Multi-task LoRA"][d] = float(test[d][MULTITASK].mean())
+        if MULTITASK in exp.models:
+            zero["Multi-task LoRA"][d] = float(test[d][MULTITASK].mean())
         zero[f"RouterRetriever ({chosen})"][d] = _routed(
             "", test, [d], router(pool, chosen, insts)
         ).per_domain[d]
