@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,15 +124,22 @@ def _free_port() -> int:
 
 
 def start_server(
-    serve_args: list[str], env: dict[str, str] | None = None, timeout: float = 900
+    serve_args: list[str],
+    env: dict[str, str] | None = None,
+    timeout: float = 900,
+    log: IO[str] | None = None,
 ) -> tuple[subprocess.Popen, str]:
-    """``routerretriever serve SERVE_ARGS`` on a free loopback port, once ``/health`` answers."""
+    """``routerretriever serve SERVE_ARGS`` on a free loopback port, once ``/health`` answers;
+    its output (the access log included) goes to ``log`` (a temporary file if None), shown if
+    it fails to start."""
     import httpx
 
     port = _free_port()
     cmd = [sys.executable, "-m", "routerretriever.cli", "serve", "--port", str(port), *serve_args]
-    log = tempfile.TemporaryFile("w+")  # the server's stderr, shown if it fails to start
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stderr=log)
+    log = log if log is not None else tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log, stderr=log
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -495,13 +495,13 @@ def test_ray_and_single_process_embeddings_agree(encoder, tmp_path):
 # -- a real server on loopback -------------------------------------------------------------------
 
 
-def start_server(store: Path, cache: Path, extra_env: dict | None = None, *args: str):
+def start_server(store: Path, cache: Path, extra_env: dict | None = None, *args: str, log=None):
     from benchmarks.service_load import start_server as start
 
     serve = ["--store", str(store), "--corpus", str(TINY), "--domain", f"tiny={TINY}:corpus"]
     serve += ["--cache-dir", str(cache), "--routing-precision", "float32"]
     serve += ["--model", str(tiny_model_path()), *args]
-    return start(serve, extra_env, timeout=120)
+    return start(serve, extra_env, timeout=120, log=log)
 
 
 def stop(proc) -> None:
@@ -521,7 +521,8 @@ def test_load_with_live_expert_changes_on_loopback_has_no_errors(store_src, tmp_
 
     store = tmp_path / "store"
     shutil.copytree(store_src, store)
-    proc, url = start_server(store, tmp_path / "cache", None, "--expert", "alpha")
+    log = (tmp_path / "server.log").open("w+")
+    proc, url = start_server(store, tmp_path / "cache", None, "--expert", "alpha", log=log)
     stats: dict = {}
     try:
         load = threading.Thread(
@@ -538,6 +539,11 @@ def test_load_with_live_expert_changes_on_loopback_has_no_errors(store_src, tmp_
     assert stats["errors"] == 0, stats
     assert stats["requests"] >= 8 and stats["p99_ms"] >= stats["p50_ms"] > 0
     assert {r["expert"] for r in after["results"]} == {"beta"}
+    # serve logs one line per request by default (method, path, status), and no traceback.
+    log.seek(0)
+    text = log.read()
+    assert '"POST /search HTTP/1.1" 200' in text and '"DELETE /experts/alpha HTTP/1.1" 200' in text
+    assert "Traceback" not in text
 
 
 def start_slow_add_server(store: Path, cache: Path):
@@ -776,7 +782,8 @@ def test_two_ray_serve_replicas_follow_one_served_set(store_src, tmp_path):
     serve = ["--store", str(store), "--corpus", str(TINY), "--domain", f"tiny={TINY}:corpus"]
     serve += ["--cache-dir", str(tmp_path / "cache"), "--expert", "alpha", "--replicas", "2"]
     serve += ["--model", str(tiny_model_path())]
-    proc, url = start(serve, None, timeout=600)
+    log = (tmp_path / "server.log").open("w+")
+    proc, url = start(serve, None, timeout=600, log=log)
 
     def replicas_seen(want: list[str], tries: int = 200) -> dict[int, list[str]]:
         seen: dict[int, list[str]] = {}
@@ -807,6 +814,11 @@ def test_two_ray_serve_replicas_follow_one_served_set(store_src, tmp_path):
     finally:
         stop(proc)
         subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+    # Ray stays quiet: no actor log lines forwarded to the terminal, no tracebacks.
+    log.seek(0)
+    lines = log.read().splitlines()
+    assert not [x for x in lines if x.startswith(("(Serve", "(Proxy", "(raylet"))], lines[:20]
+    assert not [x for x in lines if "Traceback" in x], lines[:40]
 
 
 # -- the lexical member in the service --------------------------------------------------------
