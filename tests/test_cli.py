@@ -53,7 +53,12 @@ def test_train_expert_list_and_evaluate_with_it(tiny, tmp_path, capsys, caplog):
         "--model",
         str(tiny_model_path()),
     ]
-    assert main(args) == 0
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(args) == 0
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], caught
     assert "expert tiny ->" in capsys.readouterr().out
     # Without -v and without a terminal, training still says how it goes (no silent minutes).
     assert "tiny step 2 loss" in caplog.text and "tiny step 4 loss" in caplog.text
