@@ -5,6 +5,9 @@ Starts ``routerretriever serve`` on loopback once per mode (micro-batching as by
 5 ms window, and off), then in interleaved rounds sends one-query requests from N client threads
 to each for a fixed time, and prints a markdown table (rounds pooled) and the micro-batching
 speed-up. Client threads share the machine's cores with the servers; idle servers wait.
+``--vs-offline``: one server, the load from ``--processes`` separate client processes, and the
+server-side queries/s (its own ``/metrics``) against the same engine searched offline in the
+same run (``serve_cli.open_engine``, batches of the top client level); prints a ``ratio`` line.
 
     python benchmarks/service_load.py --store runs/paper/experts --expert scifact --expert nfcorpus \
         --expert arguana --expert cranfield --expert cisi --expert med --data ../shared/data
@@ -13,6 +16,7 @@ speed-up. Client threads share the machine's cores with the servers; idle server
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -24,7 +28,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,6 +105,81 @@ def run_load(
     }
 
 
+def _load_process(job: tuple) -> dict:
+    """One load-generator process: its share of the clients, from the agreed start time."""
+    url, queries, clients, seconds, k, start_at = job
+    time.sleep(max(0.0, start_at - time.time()))
+    return run_load(url, queries, clients, seconds, k)
+
+
+def run_load_processes(
+    pool: Any, processes: int, url: str, queries: list[str], clients: int, seconds: float, k: int
+) -> dict:
+    """:func:`run_load` with the ``clients`` spread over ``processes`` worker processes of
+    ``pool`` (a spawn pool): the load generator shares neither the server's interpreter nor
+    this one's; all start together at an agreed time."""
+    n = max(1, min(processes, clients))
+    share = [clients // n + (p < clients % n) for p in range(n)]
+    start_at = time.time() + 1.0
+    jobs = [(url, queries[p::n], share[p], seconds, k, start_at) for p in range(n)]
+    parts = pool.map(_load_process, jobs)
+    return summarise(
+        [x for r in parts for x in r["latencies"]], sum(r["errors"] for r in parts), seconds
+    )
+
+
+def server_counts(url: str) -> tuple[float, float, float]:
+    """From the server's ``/metrics``: queries run by the model, and the micro-batch histogram's
+    sum and count (queries per batch)."""
+    import httpx
+
+    routed = batch_sum = batch_count = 0.0
+    for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith("routerretriever_queries_routed_total"):
+            routed += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("routerretriever_batch_queries_sum"):
+            batch_sum = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("routerretriever_batch_queries_count"):
+            batch_count = float(line.rsplit(" ", 1)[1])
+    return routed, batch_sum, batch_count
+
+
+def offline_worker(job: Path) -> None:
+    """The offline peer: the engine ``serve`` builds (:func:`serve_cli.open_engine`, same
+    arguments), searched directly in batches; prints its queries/s as JSON."""
+    from routerretriever.cli import build_parser
+    from routerretriever.serve_cli import open_engine
+
+    spec = json.loads(job.read_text())
+    engine = open_engine(build_parser().parse_args(["serve", *spec["serve"]]))
+    queries, batch, k = spec["queries"], spec["batch"], spec["k"]
+    engine.search(queries[:batch], k)  # warm-up
+    done, i = 0, 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < spec["seconds"]:
+        chunk = [queries[(i + j) % len(queries)] for j in range(batch)]
+        engine.search(chunk, k)
+        done, i = done + batch, i + batch
+    print(json.dumps({"qps": done / (time.perf_counter() - start)}))
+
+
+def offline_qps(serve: list[str], queries: list[str], seconds: float, batch: int, k: int) -> float:
+    """Queries/s of :func:`offline_worker` in a fresh subprocess (the server idle meanwhile)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        job = Path(tmp) / "job.json"
+        spec = {"serve": serve, "queries": queries, "seconds": seconds, "batch": batch, "k": k}
+        job.write_text(json.dumps(spec))
+        run = subprocess.run(
+            [sys.executable, __file__, "--offline-worker", str(job)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+    if run.returncode != 0:
+        raise RuntimeError(f"offline peer failed: {run.stderr[-4000:]}")
+    return float(json.loads(run.stdout.strip().splitlines()[-1])["qps"])
+
+
 def summarise(latencies: list[float], errors: int, seconds: float) -> dict:
     """Requests, errors, queries/s and latency percentiles (ms) of one or several runs."""
     lat = sorted(latencies)
@@ -158,6 +237,8 @@ def start_server(
 def main() -> None:
     from routerretriever import load_queries
 
+    if sys.argv[1:2] == ["--offline-worker"]:  # offline_qps's subprocess
+        return offline_worker(Path(sys.argv[2]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", type=Path, required=True, help="expert store (copied)")
     parser.add_argument("--expert", action="append", help="expert folders to serve")
@@ -182,6 +263,13 @@ def main() -> None:
         action="store_true",
         help="instead: one server, clean load against load with one request in ten hostile",
     )
+    parser.add_argument(
+        "--vs-offline",
+        action="store_true",
+        help="instead: one server under load from --processes client processes, its server-side "
+        "queries/s against the same engine searched offline, same run",
+    )
+    parser.add_argument("--processes", type=int, default=4, help="load-generator processes")
     args = parser.parse_args()
     d = args.data
     args.corpus = args.corpus or d / "beir/scifact"
@@ -201,6 +289,8 @@ def main() -> None:
 
     if args.hostile:
         return hostile_run(args, queries, levels)
+    if args.vs_offline:
+        return vs_offline_run(args, queries, levels)
     modes = {
         "micro-batched": [],
         "micro-batched, 5 ms window": ["--batch-window-ms", "5"],
@@ -311,6 +401,68 @@ def hostile_run(args: argparse.Namespace, queries: list[str], levels: list[int])
         clean = sum(r["requests"] for r in runs[("clean", c)])
         hostile = sum(r["requests"] for r in runs[("hostile", c)])
         print(f"ratio valid throughput hostile/clean at {c} clients: {hostile / clean:.2f}")
+
+
+def vs_offline_run(args: argparse.Namespace, queries: list[str], levels: list[int]) -> None:
+    """Server-side queries/s at each client level (load from separate processes) against the
+    offline queries/s of the same engine, measured before and after in the same run."""
+    import multiprocessing
+
+    rows: dict[int, list[tuple[dict, float, float]]] = {c: [] for c in levels}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "store"
+        shutil.copytree(args.store, store, ignore=shutil.ignore_patterns(".served.json"))
+        serve = ["--store", str(store), "--corpus", str(args.corpus)]
+        serve += [x for d in args.domain for x in ("--domain", d)]
+        serve += [x for e in args.expert or [] for x in ("--expert", e)]
+        serve += ["--cache-dir", str(args.cache_dir)] if args.cache_dir else []
+        batch = max(levels)
+        offline = [offline_qps(serve, queries, args.seconds, batch, args.k)]
+        proc, url = start_server(serve, timeout=args.start_timeout)
+        try:
+            with multiprocessing.get_context("spawn").Pool(args.processes) as pool:
+                run_load_processes(pool, args.processes, url, queries, 4, 3.0, args.k)  # warm-up
+                for _ in range(args.rounds):
+                    for c in levels:
+                        before = server_counts(url)
+                        r = run_load_processes(
+                            pool, args.processes, url, queries, c, args.seconds, args.k
+                        )
+                        after = server_counts(url)
+                        batches = max(1.0, after[2] - before[2])
+                        rows[c].append((r, after[0] - before[0], (after[1] - before[1]) / batches))
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
+        offline.append(offline_qps(serve, queries, args.seconds, batch, args.k))
+    peer = statistics.fmean(offline)
+    print(
+        f"{len(args.expert or [])} experts; corpus {args.corpus.name}; one query per request, "
+        f"k={args.k}; load from {args.processes} client processes; {args.rounds} rounds of "
+        f"{args.seconds:.0f} s per level; offline peer: the same engine (serve_cli.open_engine), "
+        f"batches of {batch}, {offline[0]:.1f} before and {offline[1]:.1f} queries/s after"
+    )
+    print(
+        "| clients | server-side queries/s | client-side queries/s | of offline | p50 ms | "
+        "p99 ms | queries per model batch | requests | errors |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    share: dict[int, float] = {}
+    for c, rs in rows.items():
+        r = summarise(
+            [x for q, _, _ in rs for x in q["latencies"]],
+            sum(q["errors"] for q, _, _ in rs),
+            sum(q["seconds"] for q, _, _ in rs),
+        )
+        served = sum(n for _, n, _ in rs) / r["seconds"]
+        per_batch = statistics.fmean(b for _, _, b in rs)
+        print(
+            f"| {c} | {served:.1f} | {r['qps']:.1f} | {served / peer:.0%} | {r['p50_ms']:.0f} | "
+            f"{r['p99_ms']:.0f} | {per_batch:.1f} | {r['requests']} | {r['errors']} |"
+        )
+        share[c] = served / peer
+    top = max(levels)
+    print(f"ratio {share[top]:.2f} (server-side queries/s at {top} clients over offline)")
 
 
 if __name__ == "__main__":

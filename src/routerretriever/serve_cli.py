@@ -9,9 +9,12 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from routerretriever.errors import RouterRetrieverError
+
+if TYPE_CHECKING:
+    from routerretriever.serving import Engine
 
 API_KEY_ENV = "ROUTERRETRIEVER_API_KEY"
 
@@ -218,35 +221,18 @@ def _serve_replicas(args: argparse.Namespace, api_key: str | None, admin: bool) 
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from routerretriever.batching import Limits
+def open_engine(args: argparse.Namespace) -> Engine:
+    """The engine ``serve ARGS`` serves: the corpus indexed (cached), the experts and pilot
+    library loaded, BM25 beside the dense index where ``--alpha`` < 1. The load benchmark
+    builds its offline peer with it, so both measure one engine."""
     from routerretriever.data import load_corpus
     from routerretriever.encoder import Encoder
     from routerretriever.indexes import corpus_index
     from routerretriever.instances import Domain
     from routerretriever.lexical import BM25Config
-    from routerretriever.service import create_app, guarded_http_protocol
     from routerretriever.serving import Engine
 
-    domains = [Domain.parse(d) for d in args.domain]  # fail before loading anything
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    loopback = args.host in ("127.0.0.1", "localhost", "::1") or args.host.startswith("127.")
-    admin = bool(api_key) or loopback or args.allow_unauthenticated_admin
-    if not api_key and not loopback:
-        print(
-            f"warning: serving on {args.host} without an API key: anyone who reaches this port "
-            f"can search{'' if not admin else ' and add or remove experts'}. Set --api-key or "
-            f"${API_KEY_ENV}"
-            + ("" if admin else "; adding and removing experts is off without one"),
-            file=sys.stderr,
-        )
-    if not args.store.is_dir():
-        raise RouterRetrieverError(f"--store {args.store}: expert store does not exist")
-    _check_port(args.host, args.port)  # before minutes of loading, not after
-    if args.replicas:
-        return _serve_replicas(args, api_key, admin)
+    domains = [Domain.parse(d) for d in args.domain]
     corpus = load_corpus(args.corpus)
     encoder = Encoder.load(args.model)
     embedder = None
@@ -284,6 +270,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
         alpha=args.alpha,
         base_mix=args.base_mix,
     )
+    return engine
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from routerretriever.batching import Limits
+    from routerretriever.instances import Domain
+    from routerretriever.service import create_app, guarded_http_protocol
+
+    for d in args.domain:  # fail before loading anything
+        Domain.parse(d)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    loopback = args.host in ("127.0.0.1", "localhost", "::1") or args.host.startswith("127.")
+    admin = bool(api_key) or loopback or args.allow_unauthenticated_admin
+    if not api_key and not loopback:
+        print(
+            f"warning: serving on {args.host} without an API key: anyone who reaches this port "
+            f"can search{'' if not admin else ' and add or remove experts'}. Set --api-key or "
+            f"${API_KEY_ENV}"
+            + ("" if admin else "; adding and removing experts is off without one"),
+            file=sys.stderr,
+        )
+    if not args.store.is_dir():
+        raise RouterRetrieverError(f"--store {args.store}: expert store does not exist")
+    _check_port(args.host, args.port)  # before minutes of loading, not after
+    if args.replicas:
+        return _serve_replicas(args, api_key, admin)
+    engine = open_engine(args)
     app = create_app(
         engine,
         limits=Limits(args.max_queries, args.max_query_chars, args.max_k),
