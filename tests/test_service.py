@@ -889,3 +889,16 @@ def test_milvus_full_text_search_serves_the_lexical_side(encoder, tmp_path):
     # A dense-only collection of this corpus is not mistaken for one with text.
     with pytest.raises(ValueError, match="no full-text"):
         MilvusIndex(uri, encoder.dim, collection=index.collection + "_x").lexical()
+
+
+def test_the_server_parses_http_with_httptools_and_keeps_the_header_guard():
+    """httptools (C) parses requests where installed: with pure-Python h11 the event loop's
+    parsing kept a 32-client load under 80% of the engine's offline speed
+    (benchmarks/service_load.py --vs-offline)."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from routerretriever.service import guarded_http_protocol
+
+    proto = guarded_http_protocol(3.0)
+    assert issubclass(proto, HttpToolsProtocol)
+    assert "_head_overdue" in vars(proto)  # the half-open connection guard is still there

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, StrictInt, StrictStr
 from starlette.requests import Request  # at module level: FastAPI resolves annotations here
 
 from routerretriever.batching import Limits, MicroBatcher, RequestError
+from routerretriever.metrics import Metrics, endpoint_of
 from routerretriever.serving import Engine
 
 
@@ -132,6 +133,33 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+class Measure:
+    """ASGI middleware: each HTTP request's latency and status into the service's metrics.
+    Plain ASGI, not ``@app.middleware("http")``: that wrapper streams every response through
+    extra tasks and queues, and its event-loop time slowed the model thread under load."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 500
+
+        async def send_status(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:  # the router has put the matched route in this same scope
+            self.metrics.observe_request(
+                endpoint_of(scope), scope["method"], status, time.perf_counter() - start
+            )
+
+
 def create_app(
     engine: Engine,
     *,
@@ -153,7 +181,6 @@ def create_app(
     from fastapi.responses import JSONResponse, Response
 
     from routerretriever import __version__
-    from routerretriever.metrics import Metrics, endpoint_of
 
     limits = limits or Limits()
     batcher = MicroBatcher(
@@ -177,19 +204,7 @@ def create_app(
     app.state.batcher = batcher
     app.state.metrics = metrics
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-
-    @app.middleware("http")
-    async def measure(request: Request, call_next: Any) -> Any:
-        start = time.perf_counter()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            metrics.observe_request(
-                endpoint_of(request.scope), request.method, status, time.perf_counter() - start
-            )
+    app.add_middleware(Measure, metrics=metrics)  # outermost: it times the body limit too
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -211,7 +226,8 @@ def create_app(
 
     expected = None if api_key is None else f"Bearer {api_key}".encode()
 
-    def authorised(request: Request) -> None:
+    # async: a plain def would cost every request a hop to a worker thread
+    async def authorised(request: Request) -> None:
         if expected is None:
             return
         given = request.headers.get("authorization", "").encode()
@@ -220,8 +236,8 @@ def create_app(
                 401, "missing or wrong API key", headers={"WWW-Authenticate": "Bearer"}
             )
 
-    def administrable(request: Request) -> None:
-        authorised(request)
+    async def administrable(request: Request) -> None:
+        await authorised(request)
         if not admin:
             raise HTTPException(
                 403,
@@ -355,12 +371,17 @@ HEADER_TIMEOUT_S = 5.0  # a connection that has not sent a whole request head by
 
 
 def guarded_http_protocol(header_timeout: float = HEADER_TIMEOUT_S) -> type:
-    """uvicorn's h11 protocol, closing connections that send no complete request head within
-    ``header_timeout`` seconds (uvicorn itself times out only idle keep-alive connections, so
-    half-sent headers would hold a connection, and a file descriptor, forever)."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+    """uvicorn's HTTP protocol (httptools' C parser where installed, else h11), closing
+    connections that send no complete request head within ``header_timeout`` seconds (uvicorn
+    itself times out only idle keep-alive connections, so half-sent headers would hold a
+    connection, and a file descriptor, forever)."""
+    base: type
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+    except ImportError:  # httptools is an optional speed-up of uvicorn's
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base
 
-    class GuardedH11Protocol(H11Protocol):
+    class GuardedProtocol(base):
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._head_timer = self.loop.call_later(header_timeout, self._head_overdue)
@@ -373,4 +394,4 @@ def guarded_http_protocol(header_timeout: float = HEADER_TIMEOUT_S) -> type:
             self._head_timer.cancel()
             super().connection_lost(exc)
 
-    return GuardedH11Protocol
+    return GuardedProtocol
