@@ -7,7 +7,8 @@ to each for a fixed time, and prints a markdown table (rounds pooled) and the mi
 speed-up. Client threads share the machine's cores with the servers; idle servers wait.
 ``--vs-offline``: one server, the load from ``--processes`` separate client processes, and the
 server-side queries/s (its own ``/metrics``) against the same engine searched offline in the
-same run (``serve_cli.open_engine``, batches of the top client level); prints a ``ratio`` line.
+same run (``serve_cli.open_engine``, batches of the top client level, measured around every
+round); prints a ``ratio`` line.
 
     python benchmarks/service_load.py --store runs/paper/experts --expert scifact --expert nfcorpus \
         --expert arguana --expert cranfield --expert cisi --expert med --data ../shared/data
@@ -405,10 +406,14 @@ def hostile_run(args: argparse.Namespace, queries: list[str], levels: list[int])
 
 def vs_offline_run(args: argparse.Namespace, queries: list[str], levels: list[int]) -> None:
     """Server-side queries/s at each client level (load from separate processes) against the
-    offline queries/s of the same engine, measured before and after in the same run."""
+    offline queries/s of the same engine, measured before every round and after the last (the
+    server idle meanwhile): each round's share is over the mean of the offline runs around it,
+    and the table gives the median share, as this machine's speed drifts by minutes."""
     import multiprocessing
 
     rows: dict[int, list[tuple[dict, float, float]]] = {c: [] for c in levels}
+    offline: list[float] = []
+    batch = max(levels)
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
         shutil.copytree(args.store, store, ignore=shutil.ignore_patterns(".served.json"))
@@ -416,13 +421,12 @@ def vs_offline_run(args: argparse.Namespace, queries: list[str], levels: list[in
         serve += [x for d in args.domain for x in ("--domain", d)]
         serve += [x for e in args.expert or [] for x in ("--expert", e)]
         serve += ["--cache-dir", str(args.cache_dir)] if args.cache_dir else []
-        batch = max(levels)
-        offline = [offline_qps(serve, queries, args.seconds, batch, args.k)]
         proc, url = start_server(serve, timeout=args.start_timeout)
         try:
             with multiprocessing.get_context("spawn").Pool(args.processes) as pool:
                 run_load_processes(pool, args.processes, url, queries, 4, 3.0, args.k)  # warm-up
                 for _ in range(args.rounds):
+                    offline.append(offline_qps(serve, queries, args.seconds, batch, args.k))
                     for c in levels:
                         before = server_counts(url)
                         r = run_load_processes(
@@ -431,20 +435,19 @@ def vs_offline_run(args: argparse.Namespace, queries: list[str], levels: list[in
                         after = server_counts(url)
                         batches = max(1.0, after[2] - before[2])
                         rows[c].append((r, after[0] - before[0], (after[1] - before[1]) / batches))
+                offline.append(offline_qps(serve, queries, args.seconds, batch, args.k))
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=60)
-        offline.append(offline_qps(serve, queries, args.seconds, batch, args.k))
-    peer = statistics.fmean(offline)
     print(
         f"{len(args.expert or [])} experts; corpus {args.corpus.name}; one query per request, "
         f"k={args.k}; load from {args.processes} client processes; {args.rounds} rounds of "
         f"{args.seconds:.0f} s per level; offline peer: the same engine (serve_cli.open_engine), "
-        f"batches of {batch}, {offline[0]:.1f} before and {offline[1]:.1f} queries/s after"
+        f"batches of {batch}: {', '.join(f'{q:.1f}' for q in offline)} queries/s around the rounds"
     )
     print(
-        "| clients | server-side queries/s | client-side queries/s | of offline | p50 ms | "
-        "p99 ms | queries per model batch | requests | errors |"
+        "| clients | server-side queries/s | client-side queries/s | of offline (median of "
+        "rounds) | p50 ms | p99 ms | queries per model batch | requests | errors |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     share: dict[int, float] = {}
@@ -455,12 +458,15 @@ def vs_offline_run(args: argparse.Namespace, queries: list[str], levels: list[in
             sum(q["seconds"] for q, _, _ in rs),
         )
         served = sum(n for _, n, _ in rs) / r["seconds"]
+        share[c] = statistics.median(
+            n / q["seconds"] / statistics.fmean(offline[i : i + 2])
+            for i, (q, n, _) in enumerate(rs)
+        )
         per_batch = statistics.fmean(b for _, _, b in rs)
         print(
-            f"| {c} | {served:.1f} | {r['qps']:.1f} | {served / peer:.0%} | {r['p50_ms']:.0f} | "
+            f"| {c} | {served:.1f} | {r['qps']:.1f} | {share[c]:.0%} | {r['p50_ms']:.0f} | "
             f"{r['p99_ms']:.0f} | {per_batch:.1f} | {r['requests']} | {r['errors']} |"
         )
-        share[c] = served / peer
     top = max(levels)
     print(f"ratio {share[top]:.2f} (server-side queries/s at {top} clients over offline)")
 
