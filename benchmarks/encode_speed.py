@@ -1,10 +1,18 @@
-"""Corpus encoding speed: routerretriever's Encoder against sentence-transformers' ``encode``.
+"""Corpus encoding speed: routerretriever's Encoder (each precision) against sentence-transformers
+(torch, and its ONNX Runtime backend where it loads offline).
 
-Same model (all-MiniLM-L6-v2), same documents, same batch size and max length, in the same run.
-Each side runs in its own fresh subprocess (so peak RSS is its own), alternating, several rounds;
-the table gives the median docs/s of each, the ratio ours / theirs, and each side's peak RSS.
+Same model (all-MiniLM-L6-v2), same documents, same batch size and max length, in the same run,
+on a long-document corpus (SciFact) and a short one (MED). Each side runs in its own fresh
+subprocess (so peak RSS is its own), alternating, several rounds; the table gives the median
+docs/s of each, its peak RSS, and the lowest cosine of its embeddings to ours in float32. The
+``ratio`` lines give our default fast path (bfloat16 where the CPU has it natively, else
+float32: :func:`routerretriever.encoder.has_fast_bfloat16`) over sentence-transformers torch.
 
-    python benchmarks/encode_speed.py [--data ../shared/data/beir/scifact] [--docs 1000] [--rounds 3]
+    python benchmarks/encode_speed.py [--data ../shared/data/beir/scifact --data ...] [--docs 1000]
+        [--sides ours-float32,st-torch,st-onnx]
+
+Where the CPU lacks native bfloat16 that side is emulated (about 6x slower than float32 here):
+``--sides`` leaves it out.
 """
 
 from __future__ import annotations
@@ -15,93 +23,128 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
+SIDES = {
+    "ours-float32": "routerretriever Encoder.encode, float32",
+    "ours-bfloat16": "routerretriever Encoder.encode, bfloat16",
+    "st-torch": "sentence-transformers encode (torch)",
+    "st-onnx": "sentence-transformers encode (backend='onnx')",
+}
 
 
-def worker(side: str, data: Path, docs: int, batch_size: int, max_length: int) -> None:
+def worker(side: str, data: Path, docs: int, batch_size: int, max_length: int, out: Path) -> None:
     from routerretriever import load_corpus
     from routerretriever.encoder import Encoder, default_model_path
 
     texts = [d.full_text for d in list(load_corpus(data).values())[:docs]]
-    if side == "ours":
+    if side.startswith("ours"):
+        import torch
+
         enc = Encoder.load(max_length=max_length)
-        run = lambda t: enc.encode(t, batch_size=batch_size, show_progress=False)  # noqa: E731
+        dtype = torch.bfloat16 if side == "ours-bfloat16" else None
+        run = lambda t: enc.encode(t, batch_size=batch_size, show_progress=False, dtype=dtype)  # noqa: E731
     else:
         from sentence_transformers import SentenceTransformer
 
-        st = SentenceTransformer(default_model_path(), device="cpu")
+        backend = "onnx" if side == "st-onnx" else "torch"
+        try:
+            st = SentenceTransformer(default_model_path(), device="cpu", backend=backend)
+        except Exception as e:  # e.g. optimum missing, or no ONNX file and no way to export
+            print(json.dumps({"error": f"{type(e).__name__}: {str(e)[:200]}"}))
+            return
         st.max_seq_length = max_length
         run = lambda t: st.encode(t, batch_size=batch_size, show_progress_bar=False)  # noqa: E731
-    run(texts[:batch_size])  # warm-up: page in weights and kernels on both sides alike
+    run(texts[:batch_size])  # warm-up: page in weights and kernels on every side alike
     start = time.perf_counter()
-    emb = run(texts)
+    emb = np.asarray(run(texts), dtype=np.float32)
     seconds = time.perf_counter() - start
+    np.save(out, emb)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"docs_per_s": len(texts) / seconds, "peak_rss_mb": peak_mb}))
+
+
+def measure(args: argparse.Namespace, data: Path, tmp: Path) -> None:
+    from routerretriever.encoder import has_fast_bfloat16
+
+    sides = [s for s in SIDES if s in args.sides.split(",")]
+    results: dict[str, list[dict]] = {s: [] for s in sides}
+    errors: dict[str, str] = {}
+    for r in range(args.rounds):
+        order = sides if r % 2 == 0 else sides[::-1]
+        for side in order:
+            if side in errors:
+                continue
+            cmd = [sys.executable, __file__, "--worker", side, "--data", str(data)]
+            cmd += ["--docs", str(args.docs), "--batch-size", str(args.batch_size)]
+            cmd += ["--max-length", str(args.max_length), "--out", str(tmp / f"{side}.npy")]
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            lines = run.stdout.strip().splitlines()
+            got = json.loads(lines[-1]) if run.returncode == 0 and lines else None
+            if got is None or "error" in got:
+                errors[side] = (
+                    got["error"] if got else f"exit {run.returncode}: {run.stderr[-300:]}"
+                )
+                continue
+            results[side].append(got)
+    ref = np.load(tmp / "ours-float32.npy")
     print(
-        json.dumps(
-            {"docs_per_s": len(texts) / seconds, "peak_rss_mb": peak_mb, "shape": list(emb.shape)}
-        )
+        f"\n{data.name}: first {args.docs} docs, batch size {args.batch_size}, max length "
+        f"{args.max_length}, {args.rounds} rounds, median"
     )
+    print("| encoder | docs/s | peak RSS (MB) | lowest cosine to ours float32 |")
+    print("|---|---|---|---|")
+    speed: dict[str, float] = {}
+    for side in sides:
+        label = SIDES[side]
+        if side in errors:
+            print(f"| {label} | not measured: {errors[side]} | | |")
+            continue
+        speed[side] = statistics.median(x["docs_per_s"] for x in results[side])
+        peak = max(x["peak_rss_mb"] for x in results[side])
+        cos = float((ref * np.load(tmp / f"{side}.npy")).sum(1).min())
+        print(f"| {label} | {speed[side]:.1f} | {peak:.0f} | {cos:.5f} |")
+    fast = "ours-bfloat16" if has_fast_bfloat16() else "ours-float32"
+    if fast not in speed or "st-torch" not in speed:
+        return
+    print(
+        f"ratio {speed[fast] / speed['st-torch']:.2f} ({data.name}: our default fast path, "
+        f"{fast}, over sentence-transformers torch)"
+    )
+    if "st-onnx" in speed:
+        print(f"against sentence-transformers ONNX: {speed[fast] / speed['st-onnx']:.2f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/beir/scifact")
+    parser.add_argument("--data", type=Path, action="append", help="BEIR folder (repeat)")
     parser.add_argument("--docs", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--worker", choices=["ours", "st"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--sides", default=",".join(SIDES), help="comma-separated, of " + ", ".join(SIDES)
+    )
+    parser.add_argument("--worker", choices=list(SIDES), help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    data = args.data or [
+        ROOT.parent / "shared/data/beir/scifact",
+        ROOT.parent / "shared/data/classic/med",
+    ]
     if args.worker:
-        worker(args.worker, args.data, args.docs, args.batch_size, args.max_length)
-        return
+        return worker(args.worker, data[0], args.docs, args.batch_size, args.max_length, args.out)
+    from routerretriever.encoder import has_fast_bfloat16
 
-    results: dict[str, list[dict]] = {"ours": [], "st": []}
-    for r in range(args.rounds):
-        for side in ("ours", "st") if r % 2 == 0 else ("st", "ours"):
-            out = (
-                subprocess.run(
-                    [
-                        sys.executable,
-                        __file__,
-                        "--worker",
-                        side,
-                        "--data",
-                        str(args.data),
-                        "--docs",
-                        str(args.docs),
-                        "--batch-size",
-                        str(args.batch_size),
-                        "--max-length",
-                        str(args.max_length),
-                    ],
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                )
-                .stdout.strip()
-                .splitlines()[-1]
-            )
-            results[side].append(json.loads(out))
-    speed = {s: statistics.median(x["docs_per_s"] for x in v) for s, v in results.items()}
-    peak = {s: max(x["peak_rss_mb"] for x in v) for s, v in results.items()}
-    print(
-        f"data: {args.data} (first {args.docs} docs), batch size {args.batch_size}, "
-        f"max length {args.max_length}, {args.rounds} rounds, median"
-    )
-    print("| encoder | docs/s | peak RSS (MB) |")
-    print("|---|---|---|")
-    print(f"| routerretriever Encoder.encode | {speed['ours']:.1f} | {peak['ours']:.0f} |")
-    print(f"| sentence-transformers encode | {speed['st']:.1f} | {peak['st']:.0f} |")
-    print(f"\nratio ours / sentence-transformers: {speed['ours'] / speed['st']:.2f}")
-    print(
-        "per round docs/s: "
-        + json.dumps({s: [round(x["docs_per_s"], 1) for x in v] for s, v in results.items()})
-    )
+    print(f"bfloat16 native on this CPU: {has_fast_bfloat16()}")
+    for folder in data:
+        with tempfile.TemporaryDirectory() as tmp:
+            measure(args, folder, Path(tmp))
 
 
 if __name__ == "__main__":
