@@ -46,6 +46,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise RouterRetrieverError(
             "--router brings its own base model and experts; drop --expert/--model/--max-length"
         )
+    _log_phases()
     datasets = [load_beir(folder, args.split) for folder in args.datasets]  # fail before the model
     common = dict(batch_size=args.batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache)
     expert = None
