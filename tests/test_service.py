@@ -892,9 +892,9 @@ def test_milvus_full_text_search_serves_the_lexical_side(encoder, tmp_path):
 
 
 def test_the_server_parses_http_with_httptools_and_keeps_the_header_guard():
-    """httptools (C) parses requests where installed: with pure-Python h11 the event loop's
-    parsing kept a 32-client load under 80% of the engine's offline speed
-    (benchmarks/service_load.py --vs-offline)."""
+    """httptools (C) parses requests where installed: pure-Python h11's parsing held the GIL
+    long enough to slow the model thread under load (docs/results.md, "The server against the
+    same engine offline")."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     from routerretriever.service import guarded_http_protocol
