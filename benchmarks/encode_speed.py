@@ -1,15 +1,16 @@
-"""Corpus encoding speed: routerretriever's Encoder (each precision) against sentence-transformers
-(torch, and its ONNX Runtime backend where it loads offline).
+"""Corpus encoding speed: routerretriever's Encoder (each precision, and on ONNX Runtime) against
+sentence-transformers (torch, and its ONNX Runtime backend where it loads offline).
 
 Same model (all-MiniLM-L6-v2), same documents, same batch size and max length, in the same run,
 on a long-document corpus (SciFact) and a short one (MED). Each side runs in its own fresh
 subprocess (so peak RSS is its own), alternating, several rounds; the table gives the median
 docs/s of each, its peak RSS, and the lowest cosine of its embeddings to ours in float32. The
-``ratio`` lines give our default fast path (bfloat16 where the CPU has it natively, else
-float32: :func:`routerretriever.encoder.has_fast_bfloat16`) over sentence-transformers torch.
+``ratio`` lines give our default corpus path (what ``embed_corpus`` uses: ONNX Runtime in
+float32 where it is installed, :func:`routerretriever.onnx_encoder.onnx_usable`, else torch
+float32) over sentence-transformers torch. The graph is exported once, before any timing.
 
     python benchmarks/encode_speed.py [--data ../shared/data/beir/scifact --data ...] [--docs 1000]
-        [--sides ours-float32,st-torch,st-onnx]
+        [--sides ours-float32,ours-onnx,st-torch,st-onnx]
 
 Where the CPU lacks native bfloat16 that side is emulated (about 6x slower than float32 here):
 ``--sides`` leaves it out.
@@ -33,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SIDES = {
     "ours-float32": "routerretriever Encoder.encode, float32",
     "ours-bfloat16": "routerretriever Encoder.encode, bfloat16",
+    "ours-onnx": "routerretriever Encoder.encode on ONNX Runtime, float32",
     "st-torch": "sentence-transformers encode (torch)",
     "st-onnx": "sentence-transformers encode (backend='onnx')",
 }
@@ -46,9 +48,14 @@ def worker(side: str, data: Path, docs: int, batch_size: int, max_length: int, o
     if side.startswith("ours"):
         import torch
 
+        from routerretriever.onnx_encoder import onnx_model
+
         enc = Encoder.load(max_length=max_length)
         dtype = torch.bfloat16 if side == "ours-bfloat16" else None
-        run = lambda t: enc.encode(t, batch_size=batch_size, show_progress=False, dtype=dtype)  # noqa: E731
+        model = onnx_model(enc, out.parent, "onnx") if side == "ours-onnx" else None
+        run = lambda t: enc.encode(  # noqa: E731
+            t, batch_size=batch_size, show_progress=False, dtype=dtype, model=model
+        )
     else:
         from sentence_transformers import SentenceTransformer
 
@@ -70,7 +77,8 @@ def worker(side: str, data: Path, docs: int, batch_size: int, max_length: int, o
 
 
 def measure(args: argparse.Namespace, data: Path, tmp: Path) -> None:
-    from routerretriever.encoder import has_fast_bfloat16
+    from routerretriever.encoder import Encoder
+    from routerretriever.onnx_encoder import onnx_usable
 
     sides = [s for s in SIDES if s in args.sides.split(",")]
     results: dict[str, list[dict]] = {s: [] for s in sides}
@@ -109,7 +117,7 @@ def measure(args: argparse.Namespace, data: Path, tmp: Path) -> None:
         peak = max(x["peak_rss_mb"] for x in results[side])
         cos = float((ref * np.load(tmp / f"{side}.npy")).sum(1).min())
         print(f"| {label} | {speed[side]:.1f} | {peak:.0f} | {cos:.5f} |")
-    fast = "ours-bfloat16" if has_fast_bfloat16() else "ours-float32"
+    fast = "ours-onnx" if onnx_usable(Encoder.load()) else "ours-float32"
     if fast not in speed or "st-torch" not in speed:
         return
     print(

@@ -2,8 +2,11 @@
 
 Documents are always embedded by the frozen base model, so one set of corpus embeddings serves
 the base model and every expert. The cache key is the encoder's fingerprint (weights and encoding
-settings) plus a fingerprint of the corpus contents (ids, titles, texts, in order). Files are
-written to a temporary name and renamed, so a killed run never leaves a file that reads as valid.
+settings) plus a fingerprint of the corpus contents (ids, titles, texts, in order), and the
+runtime that made the vectors when it is not the torch float32 reference (``-onnx``): files of
+different runtimes never mix, so a run's vectors depend on its runtime, not on what is cached.
+Files are written to a temporary name and renamed, so a killed run never leaves a file that reads
+as valid.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 from routerretriever.data import Corpus
 from routerretriever.encoder import Encoder
 from routerretriever.files import atomic_write, default_cache_dir
+from routerretriever.onnx_encoder import Backend, onnx_model, onnx_usable
 
 logger = logging.getLogger(__name__)
 
@@ -69,18 +73,22 @@ def embed_corpus(
     batch_size: int = 32,
     show_progress: bool | None = None,
     embedder: Callable[[Corpus], np.ndarray] | None = None,
+    backend: Backend = "auto",
 ) -> CorpusEmbeddings:
     """Embed a corpus with the base model, reading and filling the on-disk cache.
 
     A cache file that cannot be read, or that does not match the corpus, is logged and rebuilt.
     ``embedder`` computes a missing entry another way (e.g. with Ray:
     :func:`routerretriever.distributed.ray_embedder`); it must give the base model's vectors.
+    ``backend`` runs the base model on torch or ONNX Runtime (``"auto"``: ONNX Runtime on a CPU
+    where it works; :func:`routerretriever.onnx_encoder.onnx_model`).
     """
     ids = list(corpus)
-    path = None
-    if use_cache:
-        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        path = root / "corpus" / f"{encoder.fingerprint}-{corpus_fingerprint(corpus)}.npz"
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    stem = root / "corpus" / f"{encoder.fingerprint}-{corpus_fingerprint(corpus)}"
+    wanted = "onnx" if embedder is None and onnx_usable(encoder, backend) else "torch"
+    paths = [Path(f"{stem}-onnx.npz" if wanted == "onnx" else f"{stem}.npz")]
+    for path in paths if use_cache else []:
         if path.is_file():
             try:
                 with np.load(path, allow_pickle=False) as f:
@@ -102,13 +110,17 @@ def embed_corpus(
             raise ValueError(
                 f"embedder gave shape {emb.shape}, expected ({len(ids)}, {encoder.dim})"
             )
+        made = "torch"
     else:
+        model = onnx_model(encoder, root, backend) if wanted == "onnx" else None
+        made = "torch" if model is None else "onnx"
         texts = [doc.full_text for doc in corpus.values()]
-        logger.info("embedding %d documents (not in the cache yet)", len(texts))
+        logger.info("embedding %d documents (not in the cache yet; %s)", len(texts), made)
         emb = encoder.encode(
-            texts, batch_size=batch_size, show_progress=show_progress, desc="corpus"
+            texts, batch_size=batch_size, show_progress=show_progress, model=model, desc="corpus"
         )
-    if path is not None:
+    if use_cache:
+        path = Path(f"{stem}-onnx.npz" if made == "onnx" else f"{stem}.npz")
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
