@@ -47,6 +47,12 @@ def test_unknown_settings_are_named(tmp_path):
         ExperimentConfig.load(write(tmp_path, "store = 'x'"))
     with pytest.raises(ValueError, match="domain 'a': unknown overrides \\['foo'\\]"):
         ExperimentConfig.load(write(tmp_path, '[[domains]]\nname="a"\npath="a"\noverrides={foo=1}'))
+    with pytest.raises(ValueError, match="backend must be one of auto, torch, onnx; got 'gpu'"):
+        ExperimentConfig.load(write(tmp_path, 'backend = "gpu"\n[[domains]]\nname="a"\npath="a"'))
+    cfg = ExperimentConfig.load(
+        write(tmp_path, 'backend = "torch"\n[[domains]]\nname="a"\npath="a"')
+    )
+    assert cfg.backend == "torch"
 
 
 @pytest.mark.slow

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from routerretriever import Document, Encoder, embed_corpus
+from routerretriever import (
+    DenseRetriever,
+    Document,
+    Encoder,
+    embed_corpus,
+    evaluate_retriever,
+    load_beir,
+)
 from routerretriever.onnx_encoder import (
     MIN_COSINE,
     export_onnx,
@@ -29,7 +36,7 @@ TEXTS = [
 
 def test_the_onnx_graph_gives_torchs_vectors(encoder, tmp_path):
     model = onnx_model(encoder, tmp_path, "onnx")
-    assert model is not None and model.path == onnx_path(encoder, tmp_path)
+    assert model is not None and model.path.name == onnx_path(encoder, tmp_path).name
     ref = encoder.encode(TEXTS, batch_size=3, show_progress=False)  # batches with padding
     got = encoder.encode(TEXTS, batch_size=3, show_progress=False, model=model)
     assert got.shape == ref.shape and got.dtype == np.float32
@@ -88,3 +95,21 @@ def test_backend_is_checked(tiny_encoder, tmp_path):
         onnx_model(tiny_encoder, tmp_path, "tensorrt")  # type: ignore[arg-type]
     assert onnx_model(tiny_encoder, tmp_path, "torch") is None
     assert not onnx_usable(tiny_encoder, "torch") and onnx_usable(tiny_encoder, "onnx")
+
+
+def test_a_retriever_on_either_runtime_scores_the_same_through_either_door(tiny_encoder, tiny):
+    """``index_corpus`` (our evaluation) and ``encode_corpus`` (what BEIR's toolkit calls) use
+    the retriever's runtime alike; torch and ONNX Runtime give the same scores."""
+    ds = load_beir(tiny)
+    scores = {}
+    for backend in ("torch", "onnx"):
+        r = DenseRetriever(tiny_encoder, backend=backend, use_cache=False)
+        scores[backend] = evaluate_retriever(r, ds).scores
+        docs = list(ds.corpus.values())
+        indexed = embed_corpus(tiny_encoder, ds.corpus, use_cache=False, backend=backend)
+        assert indexed.backend == backend
+        np.testing.assert_allclose(r.encode_corpus(docs), indexed.embeddings, atol=1e-6)
+    for metric, value in scores["torch"].items():
+        assert scores["onnx"][metric] == pytest.approx(value, abs=1e-4)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        DenseRetriever(tiny_encoder, backend="cuda")  # type: ignore[arg-type]

@@ -48,7 +48,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
     _log_phases()
     datasets = [load_beir(folder, args.split) for folder in args.datasets]  # fail before the model
-    common = dict(batch_size=args.batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache)
+    common = dict(
+        batch_size=args.batch_size,
+        cache_dir=args.cache_dir,
+        use_cache=not args.no_cache,
+        backend=args.backend,
+    )
     expert = None
     retriever: DenseRetriever
     if args.router:
@@ -289,6 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="corpus embedding cache (default: $ROUTERRETRIEVER_CACHE or ~/.cache/routerretriever)",
     )
     ev.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    ev.add_argument(
+        "--backend",
+        choices=["auto", "torch", "onnx"],
+        default="auto",
+        help="the corpus side's runtime: auto (ONNX Runtime on a CPU where installed), "
+        "torch (the exact float32 reference) or onnx (default: auto)",
+    )
     ev.add_argument(
         "--json",
         type=Path,

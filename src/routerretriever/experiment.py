@@ -25,6 +25,7 @@ from routerretriever.experts import load_expert
 from routerretriever.files import atomic_write
 from routerretriever.index import FaissIndex
 from routerretriever.lexical import BM25Config, BM25Index
+from routerretriever.onnx_encoder import BACKENDS, Backend
 from routerretriever.pilots import DomainInstances
 from routerretriever.pseudo import PseudoQueryConfig
 from routerretriever.retriever import per_query_ndcg
@@ -65,6 +66,7 @@ class ExperimentConfig:
     routing_bf16: bool = False  # also route with a bfloat16 routing pass
     bm25: BM25Config = field(default_factory=BM25Config)  # the pool's lexical member
     multitask: bool = True  # train the multi-task LoRA baseline (Table 1's second row)
+    backend: Backend = "auto"  # the corpus side's runtime (routerretriever.onnx_encoder)
 
     @classmethod
     def load(cls, path: str | Path) -> ExperimentConfig:
@@ -98,6 +100,11 @@ class ExperimentConfig:
                 raise ValueError(f"{path}: domain {d.name!r}: unknown overrides {bad}")
         if not domains:
             raise ValueError(f"{path}: no [[domains]]")
+        backend = raw.get("backend", "auto")
+        if backend not in BACKENDS:
+            raise ValueError(
+                f"{path}: backend must be one of {', '.join(BACKENDS)}; got {backend!r}"
+            )
         return cls(
             domains=domains,
             store=root_path(raw.get("store", "runs/experts")),
@@ -114,6 +121,7 @@ class ExperimentConfig:
             routing_bf16=bool(raw.get("routing_bf16", False)),
             bm25=BM25Config(**raw.get("bm25", {})),
             multitask=bool(raw.get("multitask", True)),
+            backend=backend,
         )
 
     @property
@@ -230,6 +238,7 @@ class Domain:
     spec: DomainSpec
     doc_ids: list[str]
     index: FaissIndex
+    backend: str  # the runtime that embedded the corpus: "torch" or "onnx"
     test_queries: dict[str, str]
     test_qrels: dict[str, dict[str, int]]
 
@@ -251,12 +260,17 @@ class Experiment:
             ds = load_beir(spec.path, cfg.test_split)
             logger.info("indexing %s (%d documents, dense and BM25)", spec.name, len(ds.corpus))
             emb = embed_corpus(
-                self.encoder, ds.corpus, cache_dir=cfg.cache_dir, batch_size=cfg.batch_size
+                self.encoder,
+                ds.corpus,
+                cache_dir=cfg.cache_dir,
+                batch_size=cfg.batch_size,
+                backend=cfg.backend,
             )
             self.domains[spec.name] = Domain(
                 spec,
                 emb.ids,
                 FaissIndex.from_embeddings(emb.ids, emb.embeddings),
+                emb.backend,
                 ds.queries,
                 ds.qrels,
             )
@@ -274,8 +288,10 @@ class Experiment:
         queries: dict[str, str],
         qrels: dict[str, dict[str, int]],
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Per-query nDCG@10 and query embeddings of ``model``, cached on disk under ``key``."""
-        path = self.cache / f"{key}.npz"
+        """Per-query nDCG@10 and query embeddings of ``model``, cached on disk under ``key`` (and
+        the corpus runtime, where not torch: scores over other corpus vectors never mix)."""
+        suffix = "" if dom.backend == "torch" else f"-{dom.backend}"
+        path = self.cache / f"{key}{suffix}.npz"
         if path.is_file():
             with np.load(path, allow_pickle=False) as f:
                 if f["qids"].tolist() == list(queries):

@@ -112,9 +112,10 @@ class InstanceScorer:
             qids = sorted(qids[: self.max_instances])
             queries = {q: ts.queries[q] for q in qids}
             qrels = {q: ts.qrels[q] for q in qids}
-            fp = hashlib.sha256(
-                json.dumps([ts.fingerprint, queries, qrels], sort_keys=True).encode()
-            ).hexdigest()[:16]
+            key: list = [ts.fingerprint, queries, qrels]
+            if ts.doc_backend != "torch":  # scores over other corpus vectors are cached apart
+                key.append(ts.doc_backend)
+            fp = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
             index = FaissIndex.from_embeddings(ts.doc_ids, ts.doc_emb)
             self._sets[domain.name] = InstanceSet(domain, queries, qrels, fp, index)
         return self._sets[domain.name]

@@ -20,10 +20,11 @@ from routerretriever.data import BeirDataset, Corpus, Document, Run
 from routerretriever.encoder import BASE, Encoder, has_fast_bfloat16
 from routerretriever.errors import ModelError
 from routerretriever.evaluation import DEFAULT_METRICS, EvalResult, evaluate, parse_metric
-from routerretriever.files import atomic_dir
+from routerretriever.files import atomic_dir, default_cache_dir
 from routerretriever.fusion import fuse_scores
 from routerretriever.index import FaissIndex, VectorIndex
 from routerretriever.lexical import BM25Config, BM25Index
+from routerretriever.onnx_encoder import BACKENDS, Backend, onnx_model
 from routerretriever.pilots import PilotLibrary
 from routerretriever.policy import PilotPolicy, Policy, load_policy
 from routerretriever.router import RouteDecision, Rule
@@ -43,6 +44,10 @@ class DenseRetriever:
         r = DenseRetriever(Encoder.load())
         r.index_corpus({"d1": Document("Cats purr."), "d2": Document("Rockets fly.")})
         r.search({"q": "felines"}, k=1)   # {'q': {'d1': <cosine>}}
+
+    ``backend`` is the corpus side's runtime: ``"auto"`` (ONNX Runtime in float32 on a CPU
+    where it is installed, else torch), ``"torch"`` (the exact float32 reference) or ``"onnx"``.
+    Queries are always embedded by torch (experts apply there).
     """
 
     def __init__(
@@ -54,6 +59,7 @@ class DenseRetriever:
         cache_dir: str | Path | None = None,
         use_cache: bool = True,
         show_progress: bool | None = None,
+        backend: Backend = "auto",
     ) -> None:
         if expert is not None and expert not in encoder.experts:
             raise ValueError(f"unknown expert {expert!r}; loaded: {encoder.experts}")
@@ -63,6 +69,10 @@ class DenseRetriever:
         self.cache_dir = cache_dir
         self.use_cache = use_cache
         self.show_progress = show_progress
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        #: the corpus side's runtime (:func:`routerretriever.onnx_encoder.onnx_model`)
+        self.backend = backend
         self.index: VectorIndex | None = None
         self.corpus_from_cache: bool | None = None
 
@@ -89,10 +99,12 @@ class DenseRetriever:
             d if isinstance(d, Document) else Document(d.get("text") or "", d.get("title") or "")
             for d in corpus
         ]
+        cache = self.cache_dir if self.cache_dir is not None else default_cache_dir()
         return self.encoder.encode(
             [d.full_text for d in docs],
             batch_size=batch_size or self.batch_size,
             show_progress=self.show_progress,
+            model=onnx_model(self.encoder, cache, self.backend),  # None: torch
             desc="corpus",
         )
 
@@ -105,6 +117,7 @@ class DenseRetriever:
             use_cache=self.use_cache,
             batch_size=self.batch_size,
             show_progress=self.show_progress,
+            backend=self.backend,
         )
         self.corpus_from_cache = emb.cached
         self.index = FaissIndex.from_embeddings(emb.ids, emb.embeddings)

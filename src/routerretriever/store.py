@@ -62,6 +62,7 @@ class CorpusEmbeddings:
     ids: list[str]
     embeddings: np.ndarray
     cached: bool
+    backend: str = "torch"  # the runtime that made them: "torch" or "onnx"
 
 
 def embed_corpus(
@@ -101,7 +102,9 @@ def embed_corpus(
                     logger.warning("%s: rows do not match their documents; re-encoding", path)
                 else:
                     logger.info("re-using corpus embeddings from %s", path)
-                    return CorpusEmbeddings(ids, emb.astype(np.float32, copy=False), cached=True)
+                    return CorpusEmbeddings(
+                        ids, emb.astype(np.float32, copy=False), cached=True, backend=wanted
+                    )
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
                 logger.warning("cannot read cached embeddings %s (%s); re-encoding", path, e)
     if embedder is not None:
@@ -130,4 +133,4 @@ def embed_corpus(
 
         atomic_write(path, write)
         logger.info("cached corpus embeddings in %s", path)
-    return CorpusEmbeddings(ids, emb, cached=False)
+    return CorpusEmbeddings(ids, emb, cached=False, backend=made)

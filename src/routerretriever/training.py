@@ -51,6 +51,7 @@ class TrainingSet:
     doc_emb: np.ndarray  # (N, d) base-model embeddings of the corpus
     source: str = ""
     fingerprint: str = ""
+    doc_backend: str = "torch"  # the runtime that made doc_emb (store.CorpusEmbeddings.backend)
     positives: dict[str, list[str]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -140,6 +141,7 @@ def load_training_set(
         doc_emb=emb.embeddings,
         source=source,
         fingerprint=fp,
+        doc_backend=emb.backend,
     )
 
 
