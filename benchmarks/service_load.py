@@ -271,6 +271,13 @@ def main() -> None:
         "queries/s against the same engine searched offline, same run",
     )
     parser.add_argument("--processes", type=int, default=4, help="load-generator processes")
+    parser.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        help="with --vs-offline: an argument passed on to `routerretriever serve` (repeat), "
+        "e.g. --serve-arg=--batch-window-ms --serve-arg=20",
+    )
     args = parser.parse_args()
     d = args.data
     args.corpus = args.corpus or d / "beir/scifact"
@@ -361,7 +368,7 @@ def hostile_run(args: argparse.Namespace, queries: list[str], levels: list[int])
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
         shutil.copytree(args.store, store, ignore=shutil.ignore_patterns(".served.json"))
-        serve = ["--store", str(store), "--corpus", str(args.corpus)]
+        serve = ["--store", str(store), "--corpus", str(args.corpus), *args.serve_arg]
         serve += [x for d in args.domain for x in ("--domain", d)]
         serve += [x for e in args.expert or [] for x in ("--expert", e)]
         serve += ["--cache-dir", str(args.cache_dir)] if args.cache_dir else []
@@ -417,7 +424,7 @@ def vs_offline_run(args: argparse.Namespace, queries: list[str], levels: list[in
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
         shutil.copytree(args.store, store, ignore=shutil.ignore_patterns(".served.json"))
-        serve = ["--store", str(store), "--corpus", str(args.corpus)]
+        serve = ["--store", str(store), "--corpus", str(args.corpus), *args.serve_arg]
         serve += [x for d in args.domain for x in ("--domain", d)]
         serve += [x for e in args.expert or [] for x in ("--expert", e)]
         serve += ["--cache-dir", str(args.cache_dir)] if args.cache_dir else []
