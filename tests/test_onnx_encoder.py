@@ -71,9 +71,13 @@ def test_a_broken_graph_is_an_error_when_asked_for_and_torch_otherwise(tmp_path,
             assert "encoding with torch" in caplog.text
             corpus = {"a": Document(text="one text"), "b": Document(text="another")}
             emb = embed_corpus(enc, corpus, cache_dir=tmp_path, backend=backend)
+            assert emb.backend == "torch" and not emb.cached
             np.testing.assert_allclose(
                 emb.embeddings, enc.encode(["one text", "another"]), atol=1e-6
             )
+            # A later run (a fresh encoder: nothing remembered) reuses the torch file.
+            again = Encoder.load(tiny_model_path())
+            assert embed_corpus(again, corpus, cache_dir=tmp_path, backend=backend).cached
 
 
 def test_a_killed_export_leaves_no_graph(tiny_encoder, tmp_path, monkeypatch):

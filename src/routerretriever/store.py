@@ -87,36 +87,49 @@ def embed_corpus(
     ids = list(corpus)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     stem = root / "corpus" / f"{encoder.fingerprint}-{corpus_fingerprint(corpus)}"
-    wanted = "onnx" if embedder is None and onnx_usable(encoder, backend) else "torch"
-    paths = [Path(f"{stem}-onnx.npz" if wanted == "onnx" else f"{stem}.npz")]
-    for path in paths if use_cache else []:
-        if path.is_file():
-            try:
-                with np.load(path, allow_pickle=False) as f:
-                    cached_ids, emb = f["ids"].tolist(), f["embeddings"]
-                if cached_ids != ids or emb.shape != (len(ids), encoder.dim):
-                    logger.warning("%s does not match the corpus; re-encoding", path)
-                elif not np.isfinite(emb).all():
-                    logger.warning("%s holds NaN or infinite values; re-encoding", path)
-                elif not _spot_check(encoder, corpus, ids, emb):
-                    logger.warning("%s: rows do not match their documents; re-encoding", path)
-                else:
-                    logger.info("re-using corpus embeddings from %s", path)
-                    return CorpusEmbeddings(
-                        ids, emb.astype(np.float32, copy=False), cached=True, backend=wanted
-                    )
-            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-                logger.warning("cannot read cached embeddings %s (%s); re-encoding", path, e)
+
+    def read(path: Path) -> np.ndarray | None:
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                cached_ids, emb = f["ids"].tolist(), f["embeddings"]
+            if cached_ids != ids or emb.shape != (len(ids), encoder.dim):
+                logger.warning("%s does not match the corpus; re-encoding", path)
+            elif not np.isfinite(emb).all():
+                logger.warning("%s holds NaN or infinite values; re-encoding", path)
+            elif not _spot_check(encoder, corpus, ids, emb):
+                logger.warning("%s: rows do not match their documents; re-encoding", path)
+            else:
+                logger.info("re-using corpus embeddings from %s", path)
+                return emb.astype(np.float32, copy=False)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            logger.warning("cannot read cached embeddings %s (%s); re-encoding", path, e)
+        return None
+
+    def cached(runtime: str) -> CorpusEmbeddings | None:
+        if not use_cache:
+            return None
+        emb = read(Path(f"{stem}-onnx.npz" if runtime == "onnx" else f"{stem}.npz"))
+        if emb is None:
+            return None
+        return CorpusEmbeddings(ids, emb, cached=True, backend=runtime)
+
+    model = None
+    if embedder is None and onnx_usable(encoder, backend):
+        if hit := cached("onnx"):
+            return hit
+        model = onnx_model(encoder, root, backend)  # None: "auto" fell back to torch
+    made = "torch" if model is None else "onnx"
+    if made == "torch" and (hit := cached("torch")):
+        return hit
     if embedder is not None:
         emb = np.asarray(embedder(corpus), dtype=np.float32)
         if emb.shape != (len(ids), encoder.dim):
             raise ValueError(
                 f"embedder gave shape {emb.shape}, expected ({len(ids)}, {encoder.dim})"
             )
-        made = "torch"
     else:
-        model = onnx_model(encoder, root, backend) if wanted == "onnx" else None
-        made = "torch" if model is None else "onnx"
         texts = [doc.full_text for doc in corpus.values()]
         logger.info("embedding %d documents (not in the cache yet; %s)", len(texts), made)
         emb = encoder.encode(
