@@ -36,6 +36,7 @@ from routerretriever.index import VectorIndex
 from routerretriever.indexes import corpus_index, lexical_index
 from routerretriever.instances import Domain, InstanceScorer
 from routerretriever.lexical import BM25Config, LexicalIndex
+from routerretriever.onnx_encoder import onnx_model
 from routerretriever.pilots import PilotLibrary, build_pilots
 from routerretriever.policy import PilotPolicy
 from routerretriever.retriever import FUSION_DEPTH, RouterRetriever, RoutingPrecision
@@ -245,11 +246,12 @@ class Engine:
         tokens = sum(len(t) for t in self.encoder.tokenize(texts))
         decisions: list[RouteDecision | None] = [None] * len(texts)
         with self._model_lock:
-            if (
-                input_type == "document"
-                or model == "base"
-                or (model == "auto" and self._router is None)
-            ):
+            if input_type == "document":  # the runtime the corpus index was embedded with
+                runtime = onnx_model(self.encoder, self.cache_dir)  # None: torch
+                emb = self.encoder.encode(
+                    texts, batch_size=self.batch_size, show_progress=False, model=runtime
+                )
+            elif model == "base" or (model == "auto" and self._router is None):
                 emb = self.encoder.encode(texts, batch_size=self.batch_size, show_progress=False)
             elif model == "auto":
                 assert self._router is not None
