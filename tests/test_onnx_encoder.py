@@ -44,7 +44,9 @@ def test_the_onnx_graph_gives_torchs_vectors(encoder, tmp_path):
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
-def test_each_runtime_reads_and_writes_only_its_own_cache_file(tiny_encoder, tmp_path):
+def test_an_explicit_runtime_reads_only_its_own_cache_file_and_auto_takes_the_reference(
+    tiny_encoder, tmp_path
+):
     corpus = {f"d{i}": Document(text=t or "empty") for i, t in enumerate(TEXTS)}
     ref = embed_corpus(tiny_encoder, corpus, cache_dir=tmp_path, backend="torch")
     fast = embed_corpus(tiny_encoder, corpus, cache_dir=tmp_path, backend="onnx")
@@ -54,6 +56,12 @@ def test_each_runtime_reads_and_writes_only_its_own_cache_file(tiny_encoder, tmp
     np.testing.assert_allclose(fast.embeddings, ref.embeddings, atol=1e-5)
     assert embed_corpus(tiny_encoder, corpus, cache_dir=tmp_path, backend="onnx").cached
     assert embed_corpus(tiny_encoder, corpus, cache_dir=tmp_path, backend="torch").cached
+    # "auto" takes the torch reference file (e.g. one Ray filled) rather than encode again.
+    other = {"x": Document(text="a document only the torch file holds")}
+    embed_corpus(tiny_encoder, other, cache_dir=tmp_path, backend="torch")
+    auto = embed_corpus(tiny_encoder, other, cache_dir=tmp_path, backend="auto")
+    assert auto.cached and auto.backend == "torch"
+    assert not embed_corpus(tiny_encoder, other, cache_dir=tmp_path, backend="onnx").cached
 
 
 def test_a_broken_graph_is_an_error_when_asked_for_and_torch_otherwise(tmp_path, caplog):

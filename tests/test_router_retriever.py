@@ -272,7 +272,7 @@ def test_a_pool_of_only_the_base_model_returns_exactly_the_base_models_results(s
 
     enc, ds, index, domains = setup
     insts, _ = instances(enc, index, domains, ["titles"], [BASE], [])
-    base = DenseRetriever(enc)
+    base = DenseRetriever(enc, backend="torch")  # one corpus runtime on both sides
     base.index_corpus(ds.corpus)
     want = base.search(ds.queries, k=10)
     for policy in (
@@ -280,11 +280,13 @@ def test_a_pool_of_only_the_base_model_returns_exactly_the_base_models_results(s
         {"policy": neighbour_policy(enc, index, domains, [BASE], top=1)},
     ):
         for precision in ("float32", "bfloat16"):
-            rr = RouterRetriever(enc, **policy, routing_precision=precision)
+            rr = RouterRetriever(enc, **policy, routing_precision=precision, backend="torch")
             rr.index_corpus(ds.corpus)
             assert rr.search(ds.queries, k=10) == want
     # With BM25 in the pool: the base model's ranking fused with BM25's, nothing else.
-    rr = RouterRetriever(enc, build_pilots(insts, [BASE]), alpha=0.5, use_cache=False)
+    rr = RouterRetriever(
+        enc, build_pilots(insts, [BASE]), alpha=0.5, use_cache=False, backend="torch"
+    )
     rr.index_corpus(ds.corpus)
     run, why = rr.search_with_routes(ds.queries, k=10)
     deep = base.search(ds.queries, k=100)

@@ -3,10 +3,11 @@
 Documents are always embedded by the frozen base model, so one set of corpus embeddings serves
 the base model and every expert. The cache key is the encoder's fingerprint (weights and encoding
 settings) plus a fingerprint of the corpus contents (ids, titles, texts, in order), and the
-runtime that made the vectors when it is not the torch float32 reference (``-onnx``): files of
-different runtimes never mix, so a run's vectors depend on its runtime, not on what is cached.
-Files are written to a temporary name and renamed, so a killed run never leaves a file that reads
-as valid.
+runtime that made the vectors when it is not the torch float32 reference (``-onnx``): a file
+holds one runtime's vectors, and an explicit ``backend`` reads only its own runtime's file;
+``"auto"`` also takes the reference file (e.g. one Ray filled) rather than encode again. Files
+are written to a temporary name and renamed, so a killed run never leaves a file that reads as
+valid.
 """
 
 from __future__ import annotations
@@ -115,9 +116,11 @@ def embed_corpus(
             return None
         return CorpusEmbeddings(ids, emb, cached=True, backend=runtime)
 
+    # "auto" takes either file, its own runtime's first: the torch float32 file is the exact
+    # reference (and what Ray's embedder writes). "onnx" and "torch" read their own file only.
     model = None
     if embedder is None and onnx_usable(encoder, backend):
-        if hit := cached("onnx"):
+        if (hit := cached("onnx")) or (backend == "auto" and (hit := cached("torch"))):
             return hit
         model = onnx_model(encoder, root, backend)  # None: "auto" fell back to torch
     made = "torch" if model is None else "onnx"
