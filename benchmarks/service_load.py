@@ -275,8 +275,8 @@ def main() -> None:
         "--serve-arg",
         action="append",
         default=[],
-        help="with --vs-offline: an argument passed on to `routerretriever serve` (repeat), "
-        "e.g. --serve-arg=--batch-window-ms --serve-arg=20",
+        help="with --vs-offline or --hostile: an argument passed on to `routerretriever serve` "
+        "(repeat), e.g. --serve-arg=--batch-window-ms --serve-arg=20",
     )
     args = parser.parse_args()
     d = args.data
