@@ -8,7 +8,8 @@ speed-up. Client threads share the machine's cores with the servers; idle server
 ``--vs-offline``: one server, the load from ``--processes`` separate client processes, and the
 server-side queries/s (its own ``/metrics``) against the same engine searched offline in the
 same run (``serve_cli.open_engine``, batches of the top client level, measured around every
-round); prints a ``ratio`` line.
+round), the share of time the model was busy (the server's ``routerretriever_batch_seconds``),
+and the engine offline in batches of the size the server formed; prints a ``ratio`` line.
 
     python benchmarks/service_load.py --store runs/paper/experts --expert scifact --expert nfcorpus \
         --expert arguana --expert cranfield --expert cisi --expert med --data ../shared/data
@@ -129,12 +130,12 @@ def run_load_processes(
     )
 
 
-def server_counts(url: str) -> tuple[float, float, float]:
-    """From the server's ``/metrics``: queries run by the model, and the micro-batch histogram's
-    sum and count (queries per batch)."""
+def server_counts(url: str) -> tuple[float, float, float, float]:
+    """From the server's ``/metrics``: queries run by the model, the micro-batch histogram's
+    sum and count (queries per batch), and the model's seconds on batches (busy time)."""
     import httpx
 
-    routed = batch_sum = batch_count = 0.0
+    routed = batch_sum = batch_count = busy = 0.0
     for line in httpx.get(url + "/metrics", timeout=30).text.splitlines():
         if line.startswith("routerretriever_queries_routed_total"):
             routed += float(line.rsplit(" ", 1)[1])
@@ -142,7 +143,9 @@ def server_counts(url: str) -> tuple[float, float, float]:
             batch_sum = float(line.rsplit(" ", 1)[1])
         elif line.startswith("routerretriever_batch_queries_count"):
             batch_count = float(line.rsplit(" ", 1)[1])
-    return routed, batch_sum, batch_count
+        elif line.startswith("routerretriever_batch_seconds_sum"):
+            busy = float(line.rsplit(" ", 1)[1])
+    return routed, batch_sum, batch_count, busy
 
 
 def offline_worker(job: Path) -> None:
@@ -441,8 +444,13 @@ def vs_offline_run(args: argparse.Namespace, queries: list[str], levels: list[in
                         )
                         after = server_counts(url)
                         batches = max(1.0, after[2] - before[2])
-                        rows[c].append((r, after[0] - before[0], (after[1] - before[1]) / batches))
+                        per_batch = (after[1] - before[1]) / batches
+                        busy = (after[3] - before[3]) / r["seconds"]
+                        rows[c].append((r, after[0] - before[0], per_batch, busy))
                 offline.append(offline_qps(serve, queries, args.seconds, batch, args.k))
+                # The same engine in batches the size the server formed at the top level.
+                formed = max(1, round(statistics.fmean(b for _, _, b, _ in rows[max(levels)])))
+                at_formed = offline_qps(serve, queries, args.seconds, formed, args.k)
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=60)
@@ -454,27 +462,34 @@ def vs_offline_run(args: argparse.Namespace, queries: list[str], levels: list[in
     )
     print(
         "| clients | server-side queries/s | client-side queries/s | of offline (median of "
-        "rounds) | p50 ms | p99 ms | queries per model batch | requests | errors |"
+        "rounds) | p50 ms | p99 ms | queries per model batch | model busy | requests | errors |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     share: dict[int, float] = {}
     for c, rs in rows.items():
         r = summarise(
-            [x for q, _, _ in rs for x in q["latencies"]],
-            sum(q["errors"] for q, _, _ in rs),
-            sum(q["seconds"] for q, _, _ in rs),
+            [x for q, *_ in rs for x in q["latencies"]],
+            sum(q["errors"] for q, *_ in rs),
+            sum(q["seconds"] for q, *_ in rs),
         )
-        served = sum(n for _, n, _ in rs) / r["seconds"]
+        served = sum(n for _, n, *_ in rs) / r["seconds"]
         share[c] = statistics.median(
             n / q["seconds"] / statistics.fmean(offline[i : i + 2])
-            for i, (q, n, _) in enumerate(rs)
+            for i, (q, n, *_) in enumerate(rs)
         )
-        per_batch = statistics.fmean(b for _, _, b in rs)
+        per_batch = statistics.fmean(b for _, _, b, _ in rs)
+        busy = statistics.fmean(u for *_, u in rs)
         print(
             f"| {c} | {served:.1f} | {r['qps']:.1f} | {share[c]:.0%} | {r['p50_ms']:.0f} | "
-            f"{r['p99_ms']:.0f} | {per_batch:.1f} | {r['requests']} | {r['errors']} |"
+            f"{r['p99_ms']:.0f} | {per_batch:.1f} | {busy:.0%} | {r['requests']} | {r['errors']} |"
         )
     top = max(levels)
+    served_top = sum(n for _, n, *_ in rows[top]) / sum(q["seconds"] for q, *_ in rows[top])
+    print(
+        f"offline in batches of {formed} (what the server formed at {top} clients), measured "
+        f"last: {at_formed:.1f} queries/s; the server at {top} clients is at "
+        f"{served_top / at_formed:.0%} of it"
+    )
     print(f"ratio {share[top]:.2f} (server-side queries/s at {top} clients over offline)")
 
 

@@ -659,6 +659,12 @@ def test_prometheus_scrape_counts_requests_routes_batches_and_changes(client, en
     assert value("routerretriever_queries_routed_total", expert="alpha") == 6
     assert value("routerretriever_batch_queries_count") == 2
     assert value("routerretriever_batch_queries_sum") == 6
+    assert value("routerretriever_batch_seconds_count") == 2
+    assert (
+        0
+        < value("routerretriever_batch_seconds_sum")
+        < value("routerretriever_request_seconds_sum", **ok)
+    )  # the model's time is part of the requests' time
     assert value("routerretriever_queue_depth") == 0
     assert value("routerretriever_expert_changes_total", action="add", outcome="ok") == 1
     assert value("routerretriever_expert_changes_total", action="add", outcome="409") == 1

@@ -98,7 +98,8 @@ class MicroBatcher:
         self._thread = threading.Thread(target=self._run, name="micro-batcher", daemon=True)
         self._thread.start()
         self.batches = 0  # batches run so far (for tests and metrics)
-        self.on_batch: Callable[[int], None] | None = None  # told each batch's query count
+        #: told each batch's query count and the seconds the model spent on it
+        self.on_batch: Callable[[int, float], None] | None = None
 
     def pending(self) -> int:
         """Requests waiting for the model."""
@@ -138,11 +139,11 @@ class MicroBatcher:
     def _serve(self, batch: list[tuple[list[str], int, Future]]) -> None:
         self.batches += 1
         texts = [q for queries, _, _ in batch for q in queries]
-        if self.on_batch is not None:
-            self.on_batch(len(texts))
+        start = time.perf_counter()
         try:
             results = self._search(texts, max(k for _, k, _ in batch))
         except Exception as e:
+            self._observe(len(texts), start)
             if len(batch) == 1:
                 batch[0][2].set_exception(e)
                 return
@@ -152,8 +153,13 @@ class MicroBatcher:
             for item in batch:
                 self._serve([item])
             return
-        start = 0
+        self._observe(len(texts), start)  # before any answer: a client then reads it counted
+        first = 0
         for queries, k, fut in batch:
-            part = results[start : start + len(queries)]
-            start += len(queries)
+            part = results[first : first + len(queries)]
+            first += len(queries)
             fut.set_result([replace(r, hits=r.hits[:k]) for r in part])
+
+    def _observe(self, queries: int, start: float) -> None:
+        if self.on_batch is not None:
+            self.on_batch(queries, time.perf_counter() - start)

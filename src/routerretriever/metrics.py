@@ -45,6 +45,13 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
             registry=r,
         )
+        self.batch_seconds = Histogram(
+            "routerretriever_batch_seconds",
+            "seconds the model spent on each micro-batch (the sum's rate: the share of time "
+            "the model is busy; near 1 the server is model-bound)",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
         self.queue = Gauge(
             "routerretriever_queue_depth", "requests waiting for the model", registry=r
         )
@@ -66,6 +73,10 @@ class Metrics:
     def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, method, str(status)).inc()
         self.latency.labels(endpoint, method).observe(seconds)
+
+    def observe_batch(self, queries: int, seconds: float) -> None:
+        self.batch.observe(queries)
+        self.batch_seconds.observe(seconds)
 
     @contextmanager
     def expert_change(self, action: str) -> Iterator[None]:

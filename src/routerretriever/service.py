@@ -187,7 +187,7 @@ def create_app(
         engine.search, window_s=batch_window_ms / 1000, max_queries=max_batch_queries
     )
     metrics = Metrics(batcher.pending)
-    batcher.on_batch = metrics.batch.observe
+    batcher.on_batch = metrics.observe_batch
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -354,7 +354,7 @@ def create_app(
     @app.get("/metrics", dependencies=[Depends(authorised)], response_class=Response)
     def scrape() -> Any:
         """Prometheus text format: requests and latency per endpoint and status, queries routed
-        per expert, batch sizes, queue depth, expert adds and removes with their durations."""
+        per expert, batch sizes and the model's seconds per batch, queue depth, expert adds and removes with their durations."""
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
