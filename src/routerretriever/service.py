@@ -354,7 +354,8 @@ def create_app(
     @app.get("/metrics", dependencies=[Depends(authorised)], response_class=Response)
     def scrape() -> Any:
         """Prometheus text format: requests and latency per endpoint and status, queries routed
-        per expert, batch sizes and the model's seconds per batch, queue depth, expert adds and removes with their durations."""
+        per expert, batch sizes and the model's seconds per batch, queue depth, expert adds and
+        removes with their durations."""
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
