@@ -10,7 +10,11 @@ float32 where it is installed, :func:`routerretriever.onnx_encoder.onnx_usable`,
 float32) over sentence-transformers torch. The graph is exported once, before any timing.
 
     python benchmarks/encode_speed.py [--data ../shared/data/beir/scifact --data ...] [--docs 1000]
-        [--sides ours-float32,ours-onnx,st-torch,st-onnx]
+        [--sides ours-float32,ours-onnx,st-torch,st-onnx] [--st-onnx-python VENV/bin/python]
+
+sentence-transformers' ONNX backend needs ``optimum``, whose transformers pin conflicts with
+ours; ``--st-onnx-python`` runs that side under another Python (the torch side stays on this
+one's sentence-transformers), e.g. a venv made with ``pip install torch==2.13.0 "sentence-transformers<6" "optimum[onnxruntime]"``.
 
 Where the CPU lacks native bfloat16 that side is emulated (about 6x slower than float32 here):
 ``--sides`` leaves it out.
@@ -40,17 +44,19 @@ SIDES = {
 }
 
 
-def worker(side: str, data: Path, docs: int, batch_size: int, max_length: int, out: Path) -> None:
-    from routerretriever import load_corpus
-    from routerretriever.encoder import Encoder, default_model_path
-
-    texts = [d.full_text for d in list(load_corpus(data).values())[:docs]]
+def worker(
+    side: str, texts_file: Path, model_path: str, batch_size: int, max_length: int, out: Path
+) -> None:
+    """One side's timed run over the texts in ``texts_file``. The sentence-transformers sides
+    import nothing of ours, so they may run under another Python (``--st-onnx-python``)."""
+    texts = json.loads(texts_file.read_text())
     if side.startswith("ours"):
         import torch
 
+        from routerretriever.encoder import Encoder
         from routerretriever.onnx_encoder import onnx_model
 
-        enc = Encoder.load(max_length=max_length)
+        enc = Encoder.load(model_path, max_length=max_length)
         dtype = torch.bfloat16 if side == "ours-bfloat16" else None
         model = onnx_model(enc, out.parent, "onnx") if side == "ours-onnx" else None
         run = lambda t: enc.encode(  # noqa: E731
@@ -60,9 +66,9 @@ def worker(side: str, data: Path, docs: int, batch_size: int, max_length: int, o
         from sentence_transformers import SentenceTransformer
 
         backend = "onnx" if side == "st-onnx" else "torch"
-        try:
-            st = SentenceTransformer(default_model_path(), device="cpu", backend=backend)
-        except Exception as e:  # e.g. optimum missing, or no ONNX file and no way to export
+        try:  # backend="onnx" exports the graph in memory (optimum) when the folder has none
+            st = SentenceTransformer(model_path, device="cpu", backend=backend)
+        except Exception as e:  # e.g. optimum missing
             print(json.dumps({"error": f"{type(e).__name__}: {str(e)[:200]}"}))
             return
         st.max_seq_length = max_length
@@ -77,9 +83,15 @@ def worker(side: str, data: Path, docs: int, batch_size: int, max_length: int, o
 
 
 def measure(args: argparse.Namespace, data: Path, tmp: Path) -> None:
-    from routerretriever.encoder import Encoder
+    from routerretriever import load_corpus
+    from routerretriever.encoder import Encoder, default_model_path
     from routerretriever.onnx_encoder import onnx_usable
 
+    texts = tmp / "texts.json"
+    texts.write_text(
+        json.dumps([d.full_text for d in list(load_corpus(data).values())[: args.docs]])
+    )
+    model_path = str(default_model_path())
     sides = [s for s in SIDES if s in args.sides.split(",")]
     results: dict[str, list[dict]] = {s: [] for s in sides}
     errors: dict[str, str] = {}
@@ -88,8 +100,9 @@ def measure(args: argparse.Namespace, data: Path, tmp: Path) -> None:
         for side in order:
             if side in errors:
                 continue
-            cmd = [sys.executable, __file__, "--worker", side, "--data", str(data)]
-            cmd += ["--docs", str(args.docs), "--batch-size", str(args.batch_size)]
+            python = args.st_onnx_python if side == "st-onnx" else sys.executable
+            cmd = [python, __file__, "--worker", side, "--texts", str(texts)]
+            cmd += ["--model", model_path, "--batch-size", str(args.batch_size)]
             cmd += ["--max-length", str(args.max_length), "--out", str(tmp / f"{side}.npy")]
             run = subprocess.run(cmd, capture_output=True, text=True)
             lines = run.stdout.strip().splitlines()
@@ -138,15 +151,25 @@ def main() -> None:
     parser.add_argument(
         "--sides", default=",".join(SIDES), help="comma-separated, of " + ", ".join(SIDES)
     )
+    parser.add_argument(
+        "--st-onnx-python",
+        default=sys.executable,
+        help="the Python that runs sentence-transformers' ONNX side (default: this one), e.g. a "
+        "venv with sentence-transformers and optimum, whose transformers pin ours cannot share",
+    )
     parser.add_argument("--worker", choices=list(SIDES), help=argparse.SUPPRESS)
+    parser.add_argument("--texts", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        return worker(
+            args.worker, args.texts, args.model, args.batch_size, args.max_length, args.out
+        )
     data = args.data or [
         ROOT.parent / "shared/data/beir/scifact",
         ROOT.parent / "shared/data/classic/med",
     ]
-    if args.worker:
-        return worker(args.worker, data[0], args.docs, args.batch_size, args.max_length, args.out)
     from routerretriever.encoder import has_fast_bfloat16
 
     print(f"bfloat16 native on this CPU: {has_fast_bfloat16()}")
