@@ -17,6 +17,25 @@ import json
 import logging
 from pathlib import Path
 
+DEFAULT_SETTINGS = (
+    "1.5:0.75,1.2:0.75,0.9:0.4,0.9:0.75,1.2:0.5,2.0:0.6,2.0:0.75,2.0:0.9,2.5:0.75,3.0:0.75"
+)
+
+
+def settings(text: str) -> list[tuple[float, float]]:
+    """argparse type: comma-separated ``K1:B`` pairs (checked as BM25Config checks them)."""
+    from routerretriever.lexical import BM25Config
+
+    out = []
+    for item in text.split(","):
+        try:
+            k1, b = (float(x) for x in item.split(":"))
+            BM25Config(k1=k1, b=b)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{item[:40]!r} is not K1:B ({e})") from None
+        out.append((k1, b))
+    return out
+
 
 def main() -> None:
     import numpy as np
@@ -33,13 +52,15 @@ def main() -> None:
     parser.add_argument("--router", type=Path, required=True, help="a saved routed system")
     parser.add_argument(
         "--settings",
-        default="1.5:0.75,1.2:0.75,0.9:0.4,0.9:0.75,1.2:0.5,2.0:0.6,2.0:0.75,2.0:0.9,2.5:0.75,3.0:0.75",
-        help="comma-separated K1:B pairs",
+        type=settings,
+        default=settings(DEFAULT_SETTINGS),
+        help="K1:B pairs, comma-separated",
     )
     args = parser.parse_args()
+    if not (args.router / "router.json").is_file():
+        parser.error(f"--router {args.router}: no router.json (a folder the experiment saved)")
     logging.basicConfig(level=logging.WARNING)
 
-    settings = [tuple(float(x) for x in s.split(":")) for s in args.settings.split(",")]
     cfg = ExperimentConfig.load(args.config)
     exp = Experiment(cfg)
     exp.instances("dev")  # samples the dev instances (cached) that query_sets reads
@@ -48,10 +69,10 @@ def main() -> None:
     alpha = float(saved["alpha"])
     labelled = [d for d in cfg.expert_domains if d.train != "corpus"]
     members = [BASE, *exp.experts]
-    rows: dict[tuple[float, ...], dict[str, tuple[float, float]]] = {s: {} for s in settings}
+    rows: dict[tuple[float, float], dict[str, tuple[float, float]]] = {s: {} for s in args.settings}
     for spec in labelled:
         corpus = load_beir(spec.path, cfg.test_split).corpus
-        for k1, b in settings:
+        for k1, b in args.settings:
             exp.lexical[spec.name] = BM25Index.build(corpus, BM25Config(k1=k1, b=b))
             qs = query_sets(exp, "dev", [spec.name], members)[spec.name]
             weights = policy.weights(qs.base)[0]

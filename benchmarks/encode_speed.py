@@ -14,7 +14,8 @@ float32) over sentence-transformers torch. The graph is exported once, before an
 
 sentence-transformers' ONNX backend needs ``optimum``, whose transformers pin conflicts with
 ours; ``--st-onnx-python`` runs that side under another Python (the torch side stays on this
-one's sentence-transformers), e.g. a venv made with ``pip install torch==2.13.0 "sentence-transformers<6" "optimum[onnxruntime]"``.
+one's sentence-transformers), e.g. a venv made with
+``pip install torch==2.13.0 "sentence-transformers<6" "optimum[onnxruntime]"``.
 
 Where the CPU lacks native bfloat16 that side is emulated (about 6x slower than float32 here):
 ``--sides`` leaves it out.
