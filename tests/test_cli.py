@@ -97,6 +97,11 @@ def test_serve_refuses_a_bad_setup_before_listening(tiny, tmp_path, capsys):
     args = ["serve", "--store", str(tmp_path / "store"), "--corpus", str(tiny), "--domain", "x"]
     assert main(args) == 2
     assert "domain 'x': expected NAME=DIR or NAME=DIR:SPLIT" in capsys.readouterr().err
+    args = ["serve", "--store", str(tmp_path / "store"), "--corpus", str(tiny)]
+    assert main([*args, "--model-workers", "0"]) == 2
+    assert "--model-workers must be at least 1, got 0" in capsys.readouterr().err
+    assert main([*args, "--model-workers", "2", "--replicas", "2"]) == 2
+    assert "--model-workers goes with a single server" in capsys.readouterr().err
     import socket
 
     with socket.socket() as busy:  # a port someone else listens on: said before any loading

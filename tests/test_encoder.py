@@ -136,3 +136,16 @@ def test_without_a_terminal_long_encodings_log_progress(tiny_encoder, monkeypatc
     tiny_encoder.encode([f"text number {i}" for i in range(40)], batch_size=8, desc="corpus")
     lines = [r.getMessage() for r in caplog.records if "corpus:" in r.getMessage()]
     assert lines and lines[0].startswith("corpus: 8 of 40 texts")
+
+
+def test_tokenize_from_many_threads_at_once(encoder):
+    """A server tokenizes from several threads (model workers, /v1/embeddings). Unguarded,
+    Hugging Face's fast tokenizer lets one call's truncation length leak into another's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = [f"query {i} " + "word " * (i % 40) for i in range(64)]
+    jobs = [(texts[i:] + texts[:i], 8 + i % 24) for i in range(48)]
+    expected = [encoder.tokenize(t, n) for t, n in jobs]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda job: encoder.tokenize(*job), jobs))
+    assert got == expected

@@ -273,6 +273,75 @@ def test_a_failing_batch_fails_each_waiting_request():
         batcher.close()
 
 
+def test_two_model_workers_run_two_batches_at_once(engine):
+    both_in = threading.Barrier(2, timeout=20)  # broken unless two batches overlap
+    calls = []
+
+    def search(texts, k):
+        calls.append(len(texts))
+        if len(calls) <= 2:
+            both_in.wait()
+        return engine.search(texts, k)
+
+    batcher = MicroBatcher(search, workers=2)
+    try:
+        first = batcher.submit(QUERIES[:1], 3)
+        time.sleep(0.2)  # the first worker holds its batch at the barrier meanwhile
+        second = batcher.submit(QUERIES[1:2], 3)
+        results = [first.result(timeout=60), second.result(timeout=60)]
+    finally:
+        batcher.close()
+    assert not both_in.broken and calls[:2] == [1, 1]
+    for q, (res,) in zip(QUERIES[:2], results, strict=True):
+        (alone,) = engine.search([q], 3)
+        assert [d for d, _ in res.hits] == [d for d, _ in alone.hits]
+
+
+def test_closing_stops_every_worker_and_workers_must_be_positive():
+    batcher = MicroBatcher(lambda texts, k: [], workers=3)
+    threads = list(batcher._threads)
+    batcher.close()
+    assert len(threads) == 3 and not any(t.is_alive() for t in threads)
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        MicroBatcher(lambda texts, k: [], workers=0)
+
+
+def test_a_swap_of_the_experts_waits_for_running_batches_and_goes_before_new_ones():
+    from routerretriever.serving import SharedLock
+
+    lock, order = SharedLock(), []
+    inside, release = threading.Event(), threading.Event()
+
+    def batch(name: str, hold: bool) -> None:
+        with lock.shared():
+            order.append(f"{name} in")
+            if hold:
+                inside.set()
+                release.wait(10)
+            order.append(f"{name} out")
+
+    def swap() -> None:
+        with lock.exclusive():
+            order.append("swap")
+
+    running = threading.Thread(target=batch, args=("a", True))
+    running.start()
+    inside.wait(10)
+    with lock.shared():  # shared holders overlap
+        order.append("b in")
+    swapping = threading.Thread(target=swap)
+    swapping.start()
+    time.sleep(0.2)  # the swap now waits for batch a
+    late = threading.Thread(target=batch, args=("c", False))
+    late.start()
+    time.sleep(0.2)  # batch c arrived after the swap began to wait: it waits too
+    assert order == ["a in", "b in"]
+    release.set()
+    for t in (running, swapping, late):
+        t.join(10)
+    assert order == ["a in", "b in", "a out", "swap", "c in", "c out"]
+
+
 def test_one_bad_query_fails_only_its_own_request(engine):
     """A query the model cannot take (a lone surrogate) sharing a batch with other clients'."""
     batcher = MicroBatcher(engine.search, window_s=0.3, max_queries=64)
@@ -514,7 +583,8 @@ def stop(proc) -> None:
 
 
 @pytest.mark.slow
-def test_load_with_live_expert_changes_on_loopback_has_no_errors(store_src, tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_load_with_live_expert_changes_on_loopback_has_no_errors(store_src, tmp_path, workers):
     import httpx
 
     from benchmarks.service_load import run_load
@@ -522,7 +592,9 @@ def test_load_with_live_expert_changes_on_loopback_has_no_errors(store_src, tmp_
     store = tmp_path / "store"
     shutil.copytree(store_src, store)
     log = (tmp_path / "server.log").open("w+")
-    proc, url = start_server(store, tmp_path / "cache", None, "--expert", "alpha", log=log)
+    proc, url = start_server(
+        store, tmp_path / "cache", None, "--expert", "alpha", "--model-workers", workers, log=log
+    )
     stats: dict = {}
     try:
         load = threading.Thread(

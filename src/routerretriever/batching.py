@@ -81,7 +81,8 @@ class MicroBatcher:
     When the model frees up, every request queued meanwhile joins the next batch (up to
     ``max_queries`` queries), so batches grow with load and a lone request waits for nothing.
     ``window_s > 0`` also holds a batch's first request that long for others to arrive;
-    ``max_queries=0`` runs each request alone.
+    ``max_queries=0`` runs each request alone. ``workers`` threads each take the next batch,
+    so that many batches run at once (``search`` must then be thread-safe).
     """
 
     def __init__(
@@ -90,14 +91,22 @@ class MicroBatcher:
         *,
         window_s: float = 0.0,
         max_queries: int = 256,
+        workers: int = 1,
     ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
         self._search = search
         self.window_s = window_s
         self.max_queries = max_queries
         self._queue: queue.Queue[tuple[list[str], int, Future] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="micro-batcher", daemon=True)
-        self._thread.start()
+        self._count = threading.Lock()
         self.batches = 0  # batches run so far (for tests and metrics)
+        self._threads = [
+            threading.Thread(target=self._run, name=f"micro-batcher-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
         #: told each batch's query count and the seconds the model spent on it
         self.on_batch: Callable[[int, float], None] | None = None
 
@@ -112,13 +121,15 @@ class MicroBatcher:
         return fut
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=5)
+        self._queue.put(None)  # each worker passes it on as it stops
+        for thread in self._threads:
+            thread.join(timeout=5)
 
     def _run(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
+                self._queue.put(None)
                 return
             batch = [item]
             size = len(item[0])
@@ -137,7 +148,8 @@ class MicroBatcher:
             self._serve(batch)
 
     def _serve(self, batch: list[tuple[list[str], int, Future]]) -> None:
-        self.batches += 1
+        with self._count:
+            self.batches += 1
         texts = [q for queries, _, _ in batch for q in queries]
         start = time.perf_counter()
         try:

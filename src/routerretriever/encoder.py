@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -140,6 +141,9 @@ class Encoder:
         self.model_path = model_path
         self.device = torch.device(device)
         self._fingerprint: str | None = None
+        # Hugging Face's fast tokenizers are not safe to call from several threads at once
+        # (truncation settings leak between calls, or "Already borrowed"); a server does that.
+        self._tokenizer_lock = threading.Lock()
         # Each loaded expert (lora.Adapter): a shallow copy of the base model whose targeted
         # layers hold merged weights (the base model itself is never modified), and its LoRA
         # factors, for batches that mix experts.
@@ -218,14 +222,15 @@ class Encoder:
 
     def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
         """Token ids of each text, truncated to ``max_length`` (default: the encoder's), unpadded."""
-        out = self.tokenizer(
-            list(texts),
-            truncation=True,
-            max_length=max_length or self.settings.max_length,
-            padding=False,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-        )
+        with self._tokenizer_lock:
+            out = self.tokenizer(
+                list(texts),
+                truncation=True,
+                max_length=max_length or self.settings.max_length,
+                padding=False,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+            )
         return out["input_ids"]
 
     def collate(self, ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:

@@ -169,8 +169,12 @@ def create_app(
     api_key: str | None = None,
     admin: bool = True,
     max_body_bytes: int = MAX_BODY_BYTES,
+    model_workers: int = 1,
 ) -> Any:
     """The FastAPI application serving ``engine`` (``max_batch_queries=0``: no micro-batching).
+
+    ``model_workers`` batches run at once, each in its own thread; give each a share of the
+    cores (``torch.set_num_threads``), as ``routerretriever serve --model-workers`` does.
 
     With ``api_key``, every endpoint but ``/health`` needs ``Authorization: Bearer <api_key>``
     (compared in constant time). ``admin=False`` turns off adding and removing experts.
@@ -184,7 +188,10 @@ def create_app(
 
     limits = limits or Limits()
     batcher = MicroBatcher(
-        engine.search, window_s=batch_window_ms / 1000, max_queries=max_batch_queries
+        engine.search,
+        window_s=batch_window_ms / 1000,
+        max_queries=max_batch_queries,
+        workers=model_workers,
     )
     metrics = Metrics(batcher.pending)
     batcher.on_batch = metrics.observe_batch

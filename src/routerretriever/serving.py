@@ -48,6 +48,48 @@ SERVED = ".served.json"  # the served experts, in the store folder
 MAX_PATH_CHARS = 1024  # an expert path longer than this is refused before touching the disk
 
 
+class SharedLock:
+    """Shared by many holders at once (batches) or held by one alone (a swap of the experts).
+    A waiting swap goes before holders that arrive after it, so a busy server cannot starve it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._alone = False
+        self._waiting = 0  # swaps waiting for the shared holders to leave
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._alone or self._waiting:
+                self._cond.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                if not self._shared:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._alone or self._shared:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._alone = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._alone = False
+                self._cond.notify_all()
+
+
 class Engine:
     """The shared index, the base encoder and the served experts, searchable from many threads.
 
@@ -108,7 +150,8 @@ class Engine:
         )
         self._router: RouterRetriever | None = None
         self.pilots: PilotLibrary | None = None
-        self._model_lock = threading.Lock()  # held while a batch or a swap uses the experts
+        # Batches share it (several may run at once); a swap of the experts holds it alone.
+        self._model_lock = SharedLock()
         self._admin_lock = threading.Lock()  # one add/remove at a time
 
     @classmethod
@@ -206,7 +249,7 @@ class Engine:
         texts = list(queries)
         if not texts:
             return []
-        with self._model_lock:
+        with self._model_lock.shared():
             router = self._router
             if router is None:
                 emb = self.encoder.encode(texts, batch_size=self.batch_size, show_progress=False)
@@ -245,7 +288,7 @@ class Engine:
         texts = list(texts)
         tokens = sum(len(t) for t in self.encoder.tokenize(texts))
         decisions: list[RouteDecision | None] = [None] * len(texts)
-        with self._model_lock:
+        with self._model_lock.shared():
             if input_type == "document":  # the runtime the corpus index was embedded with
                 runtime = onnx_model(self.encoder, self.cache_dir)  # None: torch
                 emb = self.encoder.encode(
@@ -317,7 +360,7 @@ class Engine:
             try:
                 self._commit({**self.served, name: rel}, adding=True)
             except BaseException:
-                with self._model_lock:
+                with self._model_lock.exclusive():
                     self.encoder.remove_adapter(name)
                 self.infos.pop(name, None)
                 raise
@@ -330,14 +373,14 @@ class Engine:
             if name not in self.served:
                 raise RequestError(f"unknown expert {name!r}; served: {self.experts}", 404)
             self._commit({n: p for n, p in self.served.items() if n != name})
-            with self._model_lock:
+            with self._model_lock.exclusive():
                 self.encoder.remove_adapter(name)
             self.infos.pop(name, None)
 
     def _load(self, rel: str, name: str, info: ExpertInfo | None = None) -> None:
         folder = self.store / rel
         info = info or check_folder(folder, self.encoder)
-        with self._model_lock:  # a batch may be reading the expert table
+        with self._model_lock.exclusive():  # a batch may be reading the expert table
             self.encoder.add_adapter(name, folder)  # the served router does not route to it yet
         self.infos[name] = info
 
@@ -360,7 +403,7 @@ class Engine:
         gone = [n for n in self.served if n not in saved]
         self._commit(saved, write=False)
         for name in gone:
-            with self._model_lock:
+            with self._model_lock.exclusive():
                 self.encoder.remove_adapter(name)
             self.infos.pop(name, None)
         logger.info("synced with %s: serving %s", SERVED, sorted(saved))
@@ -410,6 +453,6 @@ class Engine:
                 show_progress=False,
             )
         )
-        with self._model_lock:
+        with self._model_lock.exclusive():
             self._router, self.pilots, self.served = router, lib, dict(served)
         logger.info("serving %d experts: %s", len(names), names)
