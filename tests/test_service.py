@@ -342,9 +342,10 @@ def test_a_swap_of_the_experts_waits_for_running_batches_and_goes_before_new_one
     assert order == ["a in", "b in", "a out", "swap", "c in", "c out"]
 
 
-def test_one_bad_query_fails_only_its_own_request(engine):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_one_bad_query_fails_only_its_own_request(engine, workers):
     """A query the model cannot take (a lone surrogate) sharing a batch with other clients'."""
-    batcher = MicroBatcher(engine.search, window_s=0.3, max_queries=64)
+    batcher = MicroBatcher(engine.search, window_s=0.3, max_queries=64, workers=workers)
     try:
         good = [batcher.submit([q], 3) for q in QUERIES[:3]]
         bad = batcher.submit(["x \ud800"], 3)
