@@ -178,3 +178,31 @@ def test_training_is_seeded_without_touching_the_callers_random_state(encoder, t
     torch.manual_seed(999)  # another caller state: the same seed still trains the same expert
     again = fit_expert(encoder, [ts], "x", train=cfg, show_progress=False)[1]
     assert first.dev["history"][1:] == again.dev["history"][1:]  # losses and dev scores
+
+
+def test_a_dev_split_beyond_max_dev_is_kept_aside_unseen(encoder, tmp_path):
+    """Queries of a dev split past ``max_dev`` are neither trained nor early-stopped on: the
+    experiment scores its choices there, where its own stopping set would flatter the expert."""
+    import shutil
+
+    from routerretriever.training import load_training_set
+    from tests.conftest import TINY
+
+    folder = tmp_path / "beir"
+    shutil.copytree(TINY, folder)
+    rows = (TINY / "qrels" / "test.tsv").read_text().splitlines()
+    header, judged = rows[0], rows[1:]
+    (folder / "qrels" / "train.tsv").write_text("\n".join([header, *judged[:4]]) + "\n")
+    (folder / "qrels" / "dev.tsv").write_text("\n".join([header, *judged[4:]]) + "\n")
+    dev_ids = {r.split("\t")[0] for r in judged[4:]}
+    cache = tmp_path / "c"
+    ts = load_training_set(encoder, folder, max_dev=3, cache_dir=cache)
+    assert len(ts.dev_qrels) == 3 and set(ts.unseen_qrels) == dev_ids - set(ts.dev_qrels)
+    assert set(ts.unseen_queries) == set(ts.unseen_qrels) and ts.unseen_qrels
+    assert not set(ts.unseen_qrels) & (set(ts.qrels) | set(ts.dev_qrels))
+    again = load_training_set(encoder, folder, max_dev=3, cache_dir=cache)
+    assert again.dev_qrels == ts.dev_qrels and again.unseen_qrels == ts.unseen_qrels  # seeded
+    whole = load_training_set(encoder, folder, max_dev=100, cache_dir=cache)
+    assert set(whole.dev_qrels) == dev_ids and not whole.unseen_qrels
+    # Held-out training queries (no dev split) leave nothing unseen.
+    assert not load_training_set(encoder, TINY, from_corpus=True, cache_dir=cache).unseen_qrels

@@ -5,7 +5,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from routerretriever.fusion import fuse_scores, mix_queries, reciprocal_rank
+from routerretriever.fusion import (
+    NORMALISATIONS,
+    fuse_scores,
+    mix_queries,
+    normalise,
+    reciprocal_rank,
+)
 from routerretriever.index import FaissIndex
 from routerretriever.router import expected_scores, neighbour_weights
 
@@ -51,6 +57,41 @@ def test_fuse_scores_by_hand():
         fuse_scores(dense, lexical, 1.5, 3)
 
 
+def test_max_normalised_fusion_by_hand():
+    dense = [("a", 0.8), ("b", 0.6), ("c", 0.4)]  # / 0.8: a 1, b 0.75, c 0.5 (a missing doc 0.5)
+    lexical = [("c", 12.0), ("d", 6.0), ("b", 3.0)]  # / 12: c 1, d 0.5, b 0.25 (missing 0.25)
+    fused = dict(fuse_scores(dense, lexical, 0.6, 10, "max"))
+    assert fused == pytest.approx({"a": 0.6 + 0.1, "b": 0.45 + 0.1, "c": 0.3 + 0.4, "d": 0.3 + 0.2})
+    assert [d for d, _ in fuse_scores(dense, lexical, 0.0, 3, "max")] == ["c", "d", "b"]
+
+
+def test_a_flat_list_moves_the_fused_ranking_less_when_max_normalised():
+    flat = [("a", 0.50), ("b", 0.49), ("c", 0.48)]  # no confident dense match
+    lexical = [("c", 10.0), ("b", 2.0), ("a", 1.0)]  # a confident lexical one
+    # Min-max stretches the dense list's 0.02 spread to 1 and outvotes BM25 ...
+    assert [d for d, _ in fuse_scores(flat, lexical, 0.6, 3)] == ["a", "c", "b"]
+    # ... divided by its best, the flat list barely separates them and BM25 decides.
+    assert [d for d, _ in fuse_scores(flat, lexical, 0.6, 3, "max")] == ["c", "b", "a"]
+
+
+def test_normalise_edge_cases():
+    assert normalise([], "max") == ({}, 0.0)
+    # No positive score: no floor to measure from, so min-max.
+    neg = [("a", -0.1), ("b", -0.3)]
+    assert normalise(neg, "max") == normalise(neg, "minmax") == ({"a": 1.0, "b": 0.0}, 0.0)
+    # Deeper below 0 than its best above: 0 is no floor either.
+    deep = [("a", 0.1), ("b", -0.3)]
+    assert normalise(deep, "max") == normalise(deep, "minmax")
+    assert normalise([("a", 0.4), ("b", -0.2)], "max") == ({"a": 1.0, "b": -0.5}, -0.5)
+    # All tied: each hit is as good as the list's best; a missing document gets 0.
+    assert normalise([("a", 2.0), ("b", 2.0)], "minmax") == ({"a": 1.0, "b": 1.0}, 0.0)
+    assert normalise([("a", 2.0), ("b", 2.0)], "max") == ({"a": 1.0, "b": 1.0}, 1.0)
+    with pytest.raises(ValueError, match="unknown normalisation 'z'"):
+        normalise(neg, "z")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown normalisation"):
+        fuse_scores(neg, neg, 0.5, 3, "zscore")  # type: ignore[arg-type]
+
+
 def test_reciprocal_rank_by_hand_and_against_ranx():
     runs = [[("a", 3.0), ("b", 2.0)], [("b", 9.0), ("c", 1.0)]]
     got = dict(reciprocal_rank(runs, 10))
@@ -70,16 +111,57 @@ hits = st.lists(
 
 
 @settings(max_examples=200, deadline=None)
-@given(dense=hits, lexical=hits, alpha=st.floats(0, 1), k=st.integers(1, 10))
-def test_fusion_is_a_ranking_of_the_union(dense, lexical, alpha, k):
-    out = fuse_scores(dense, lexical, alpha, k)
+@given(
+    dense=hits,
+    lexical=hits,
+    alpha=st.floats(0, 1),
+    k=st.integers(1, 10),
+    how=st.sampled_from(NORMALISATIONS),
+)
+def test_fusion_is_a_ranking_of_the_union(dense, lexical, alpha, k, how):
+    out = fuse_scores(dense, lexical, alpha, k, how)
     pool = {d for d, _ in dense if alpha > 0} | {d for d, _ in lexical if alpha < 1}
     assert len(out) == min(k, len(pool))  # alpha 0: lexical alone; alpha 1: dense alone
     assert len({d for d, _ in out}) == len(out)
     scores = [s for _, s in out]
     assert scores == sorted(scores, reverse=True)
     if 0 < alpha < 1:
-        assert all(-1e-9 <= s <= 1 + 1e-9 for s in scores)
+        floor = 0.0 if how == "minmax" else -1.0
+        assert all(floor - 1e-9 <= s <= 1 + 1e-9 for s in scores)
+
+
+positive_hits = st.lists(
+    st.tuples(st.sampled_from("abcdefgh"), st.floats(0.01, 50, allow_nan=False)),
+    min_size=1,
+    max_size=8,
+    unique_by=lambda x: x[0],
+).map(lambda h: sorted(h, key=lambda x: -x[1]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    dense=positive_hits,
+    lexical=positive_hits,
+    alpha=st.floats(0.05, 0.95),
+    scale=st.tuples(st.floats(0.1, 10), st.floats(0.1, 10)),
+    shift=st.floats(0.1, 10),
+)
+def test_each_normalisation_ignores_what_it_should(dense, lexical, alpha, scale, shift):
+    """Both ignore each list's units (a positive factor); min-max also ignores an offset, while
+    "max" does not: the distance to the floor is the evidence it keeps."""
+
+    def scaled(h, c, b=0.0):
+        return [(d, c * v + b) for d, v in h]
+
+    for how in NORMALISATIONS:
+        ref = fuse_scores(dense, lexical, alpha, 8, how)
+        got = fuse_scores(scaled(dense, scale[0]), scaled(lexical, scale[1]), alpha, 8, how)
+        assert [d for d, _ in got] == pytest.approx([d for d, _ in ref])
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in ref], atol=1e-9)
+    shifted = fuse_scores(scaled(dense, 1.0, shift), lexical, alpha, 8, "minmax")
+    np.testing.assert_allclose(
+        [s for _, s in shifted], [s for _, s in fuse_scores(dense, lexical, alpha, 8)], atol=1e-9
+    )
 
 
 def test_an_instance_never_predicts_itself():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from routerretriever.encoder import BASE
+from routerretriever.fusion import NORMALISATIONS
 from routerretriever.hybrid_eval import (
     Candidate,
     Library,
@@ -68,8 +69,11 @@ def test_pure_member_at_full_dense_weight_scores_as_that_member_alone(world):
     scores, cost = run_policy(base_only, 1.0, qs)
     np.testing.assert_array_equal(scores, qs.ndcg(qs.dense_member(BASE)))
     assert cost == 0.0
-    # Lexical alone (alpha 0) is the BM25 ranking, whatever the dense side says.
-    np.testing.assert_array_equal(run_policy(base_only, 0.0, qs)[0], qs.ndcg(qs.lexical))
+    # Lexical alone (alpha 0) is the BM25 ranking, whatever the dense side says or the
+    # normalisation.
+    for how in NORMALISATIONS:
+        got = run_policy(base_only, 0.0, qs, how)[0]
+        np.testing.assert_array_equal(got, qs.ndcg(qs.lexical))
 
 
 def test_expected_gain_routing_declines_the_harmful_expert(world):
@@ -90,7 +94,13 @@ def test_the_default_is_chosen_on_dev_and_fast(world):
     assert default.dev_mean(["x"]) == max(c.dev_mean(["x"]) for c in best.values() if c.cost <= 1.0)
     fast, _ = choose(cands, ["x"], max_cost=0.5)
     assert fast.cost <= 0.5
-    for fam, c in best.items():  # each family's alpha is its best on the labelled domain
+    # Each lexical weight below 1 comes with each normalisation; alpha 1 (dense only) once.
+    assert {(c.alpha < 1, c.how) for c in cands} == {
+        (True, "minmax"),
+        (True, "max"),
+        (False, "minmax"),
+    }
+    for fam, c in best.items():  # each family's alpha and normalisation: best on labelled dev
         same = [o for o in cands if o.family == fam]
         assert c.dev_mean(["x"]) == max(o.dev_mean(["x"]) for o in same)
     assert best["knn-20-0.02-all"].cost > 1.0  # the full mixture needs both experts' passes

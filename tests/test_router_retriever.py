@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
-from routerretriever import Encoder, load_beir
+from routerretriever import Encoder, ModelError, load_beir
 from routerretriever.encoder import BASE
 from routerretriever.experts import load_expert
 from routerretriever.index import FaissIndex
@@ -326,10 +328,13 @@ def test_a_mixture_equals_score_fusion_of_its_members_own_searches(setup):
 def test_save_load_round_trip_with_neighbours_and_bm25(setup, tmp_path):
     enc, ds, index, domains = setup
     policy = neighbour_policy(enc, index, domains, [BASE, "alpha", "beta"], top=2)
-    rr = RouterRetriever(enc, policy=policy, alpha=0.7, routing_precision="float32")
+    rr = RouterRetriever(
+        enc, policy=policy, alpha=0.7, routing_precision="float32", normalise="max"
+    )
     rr.save(tmp_path / "rr")
     back = RouterRetriever.load(tmp_path / "rr", cache_dir=tmp_path / "c")
     assert back.alpha == 0.7 and back.policy.top == 2 and back.encoder.experts == ["alpha", "beta"]
+    assert back.normalise == "max"
     rr.index_corpus(ds.corpus)
     back.index_corpus(ds.corpus)
     a, why_a = rr.search_with_routes(ds.queries, k=10)
@@ -338,3 +343,20 @@ def test_save_load_round_trip_with_neighbours_and_bm25(setup, tmp_path):
     for q in a:
         assert list(a[q]) == list(b[q])
         np.testing.assert_allclose(list(a[q].values()), list(b[q].values()), atol=1e-6)
+
+
+def test_a_saved_router_with_a_bad_fusion_setting_names_its_file(setup, tmp_path):
+    enc, ds, index, domains = setup
+    insts, _ = instances(enc, index, domains, ["titles", "crops"], [BASE, "alpha"], [])
+    RouterRetriever(enc, build_pilots(insts, [BASE, "alpha"]), alpha=0.5).save(tmp_path / "rr")
+    manifest = tmp_path / "rr" / "router.json"
+    saved = json.loads(manifest.read_text())
+    assert saved["normalise"] == "minmax"
+    del saved["normalise"]  # saved before the setting existed: min-max, as then
+    manifest.write_text(json.dumps(saved))
+    assert RouterRetriever.load(tmp_path / "rr").normalise == "minmax"
+    manifest.write_text(json.dumps({**saved, "normalise": "zscore"}))
+    with pytest.raises(ModelError, match=r"router\.json: cannot read the saved router .*normalise"):
+        RouterRetriever.load(tmp_path / "rr")
+    with pytest.raises(ValueError, match="normalise must be one of"):
+        RouterRetriever(enc, build_pilots(insts, [BASE, "alpha"]), normalise="z")  # type: ignore[arg-type]

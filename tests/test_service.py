@@ -903,8 +903,9 @@ def test_two_ray_serve_replicas_follow_one_served_set(store_src, tmp_path):
 # -- the lexical member in the service --------------------------------------------------------
 
 
+@pytest.mark.parametrize("how", ["minmax", "max"])
 def test_fused_search_mixes_base_into_the_routed_expert_and_fuses_bm25(
-    svc_encoder, store_src, tmp_path
+    svc_encoder, store_src, tmp_path, how
 ):
     from routerretriever.fusion import fuse_scores
     from routerretriever.lexical import BM25Index
@@ -922,6 +923,7 @@ def test_fused_search_mixes_base_into_the_routed_expert_and_fuses_bm25(
         routing_precision="float32",
         alpha=0.6,
         base_mix=0.3,
+        normalise=how,
     )
     try:
         got = engine.search(QUERIES, 10)
@@ -931,7 +933,7 @@ def test_fused_search_mixes_base_into_the_routed_expert_and_fuses_bm25(
             assert r.members == {r.expert: pytest.approx(0.7), "__base__": pytest.approx(0.3)}
             mixed = 0.7 * svc_encoder.encode([q], experts=r.expert) + 0.3 * svc_encoder.encode([q])
             dense = engine.index.search(mixed, 100)[0]
-            want = fuse_scores(dense, bm25.search([q], 100)[0], 0.6, 10)
+            want = fuse_scores(dense, bm25.search([q], 100)[0], 0.6, 10, how)
             assert [d for d, _ in r.hits] == [d for d, _ in want]
             np.testing.assert_allclose([s for _, s in r.hits], [s for _, s in want], atol=1e-5)
     finally:
@@ -939,6 +941,8 @@ def test_fused_search_mixes_base_into_the_routed_expert_and_fuses_bm25(
             svc_encoder.remove_adapter(name)
     with pytest.raises(ValueError, match="give a lexical index"):
         Engine(svc_encoder, store, engine.index, alpha=0.5)
+    with pytest.raises(ValueError, match="normalise must be one of"):
+        Engine(svc_encoder, store, engine.index, normalise="z")  # type: ignore[arg-type]
 
 
 @pytest.mark.slow

@@ -196,7 +196,9 @@ def cmd_router_build(args: argparse.Namespace) -> int:
     )
     pilots = build_pilot_library(encoder, domains, cache_dir=args.cache_dir)
     policy = PilotPolicy(pilots, args.rule, args.base_mix)
-    rr = RouterRetriever(encoder, policy=policy, alpha=args.alpha, bm25=BM25Config())
+    rr = RouterRetriever(
+        encoder, policy=policy, alpha=args.alpha, bm25=BM25Config(), normalise=args.normalise
+    )
     out = rr.save(args.out)
     print(
         f"routed model -> {out} (experts {encoder.experts}, {len(pilots.pilots)} pilots); "
@@ -423,6 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
     bu.add_argument("--rule", choices=["mean", "weighted", "nearest"], default="weighted")
     bu.add_argument(
         "--alpha", type=unit_float("--alpha"), default=0.5, help="dense weight in BM25 fusion"
+    )
+    bu.add_argument(
+        "--normalise",
+        choices=["minmax", "max"],
+        default="minmax",
+        help="each side's scores before fusion: minmax (default) or max (divided by the best)",
     )
     bu.add_argument(
         "--base-mix", type=unit_float("--base-mix"), default=0.0, help="base vector share"

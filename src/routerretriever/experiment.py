@@ -35,6 +35,7 @@ from routerretriever.training import TrainConfig, load_training_set
 logger = logging.getLogger(__name__)
 
 MULTITASK = "multitask"
+MIN_CHOICE = 50  # unseen labelled queries a domain needs before they, not its dev set, decide
 
 
 @dataclass
@@ -279,6 +280,8 @@ class Experiment:
         self._training_sets: dict[str, Any] = {}
         #: ``(part, domain)`` -> the sampled instance queries and qrels of :meth:`instances`
         self.instance_queries: dict[tuple[str, str], tuple[dict[str, str], dict]] = {}
+        #: domain -> which queries its ``"choice"`` instances are (see :meth:`instances`)
+        self.choice_source: dict[str, str] = {}
 
     def _scores(
         self,
@@ -323,7 +326,17 @@ class Experiment:
         return out
 
     def instances(self, part: str) -> list[DomainInstances]:
-        """Training (``part="train"``) or dev instances of each expert domain, scored by every model."""
+        """Training (``part="train"``), dev or choice instances of each expert domain, scored by
+        every model.
+
+        ``"dev"`` is the set each expert early-stopped on. ``"choice"`` is what the pool's gates
+        and choices are scored on (:mod:`routerretriever.hybrid_eval`): a domain's labelled
+        queries that its expert never saw (neither trained nor early-stopped on) where it has at
+        least :data:`MIN_CHOICE`, else its dev set; :attr:`choice_source` says which. An
+        expert's own stopping set flatters it: the checkpoint (and its settings) were picked
+        there."""
+        if part not in ("train", "dev", "choice"):
+            raise ValueError(f"part must be 'train', 'dev' or 'choice', got {part!r}")
         out = []
         for spec in self.cfg.expert_domains:
             dom = self.domains[spec.name]
@@ -341,6 +354,14 @@ class Experiment:
             queries, qrels = (
                 (ts.queries, ts.qrels) if part == "train" else (ts.dev_queries, ts.dev_qrels)
             )
+            if part == "choice":
+                if len(ts.unseen_qrels) >= MIN_CHOICE:
+                    queries, qrels = ts.unseen_queries, ts.unseen_qrels
+                    self.choice_source[spec.name] = (
+                        f"{len(qrels)} labelled dev-split queries its expert never saw"
+                    )
+                else:
+                    self.choice_source[spec.name] = "the dev set its expert early-stopped on"
             qids = sorted(q for q in qrels if q in queries)
             random.Random(self.cfg.seed).shuffle(qids)
             qids = sorted(qids[: self.cfg.max_instances])

@@ -6,11 +6,15 @@ vectors are mixed, :func:`routerretriever.fusion.mix_queries`) and a dense weigh
 whose scores follow from each model's per-query nDCG, a mixture or a fusion is a new ranking:
 each is searched and scored here, from the member embeddings the experiment already cached.
 
-Choices are made on dev instances only. Pseudo-query instances are crops of their own positive
-document, so BM25 finds them by their words far more easily than real queries: the lexical
-weight and the default's family are therefore chosen on the domains with labelled dev queries
-(the report shows what choosing ``alpha`` on all would give); gates are fitted on the dev
-instances of every domain (an unlabelled domain's expert has no other held-out evidence).
+Choices are made on dev instances only: the experiment's ``"choice"`` instances, which are a
+domain's labelled queries its expert never saw where it has enough, else the set its expert
+early-stopped on (that set flatters the expert: on NFCorpus's, its expert fused with BM25 gained
++1.1 nDCG@10, p 0.005; on the 124 dev-split queries it never saw, −0.4; docs/results.md).
+Pseudo-query instances are crops of their own positive document, so BM25 finds them by their
+words far more easily than real queries: the lexical weight and the default's family are
+therefore chosen on the domains with labelled dev queries (the report shows what choosing
+``alpha`` on all would give); gates are fitted on the dev instances of every domain (an
+unlabelled domain's expert has no other held-out evidence).
 """
 
 from __future__ import annotations
@@ -25,7 +29,14 @@ import numpy as np
 
 from routerretriever.encoder import BASE
 from routerretriever.evaluation import evaluate
-from routerretriever.fusion import Hits, fuse_scores, mix_queries, reciprocal_rank
+from routerretriever.fusion import (
+    NORMALISATIONS,
+    Hits,
+    Normalisation,
+    fuse_scores,
+    mix_queries,
+    reciprocal_rank,
+)
 from routerretriever.index import FaissIndex
 from routerretriever.pilots import DomainInstances, build_pilots
 from routerretriever.policy import NeighbourPolicy, PilotPolicy, Policy, declined_experts
@@ -84,9 +95,15 @@ class QuerySet:
         ).per_query
         return np.array([per.get(q, {}).get("ndcg@10", 0.0) for q in self.qids])
 
-    def score(self, members: Sequence[str], weights: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    def score(
+        self,
+        members: Sequence[str],
+        weights: np.ndarray,
+        alpha: np.ndarray,
+        how: Normalisation = "minmax",
+    ) -> np.ndarray:
         """nDCG@10 per query of the mixture ``weights`` ``(n, m)`` of ``members`` fused with BM25
-        at dense weight ``alpha`` ``(n,)``."""
+        at dense weight ``alpha`` ``(n,)``, each list normalised ``how``."""
         one = np.flatnonzero(weights.max(axis=1) >= 1.0 - 1e-9)
         dense: list[Hits] = [[] for _ in self.qids]
         if len(one) == len(self.qids):  # pure members: reuse their cached searches
@@ -96,7 +113,7 @@ class QuerySet:
             q = mix_queries(np.stack([self.emb[m] for m in members]), weights)  # (n, d)
             dense = self.index.search(q, DEPTH, self.qids)
         run = [
-            fuse_scores(d, lex, float(a), 10)
+            fuse_scores(d, lex, float(a), 10, how)
             for d, lex, a in zip(dense, self.lexical, alpha, strict=True)
         ]
         return self.ndcg(run)
@@ -136,10 +153,12 @@ def pilot_maker(rule: Rule, base_mix: float = 0.0) -> PolicyMaker:
     return lambda lib: PilotPolicy(build_pilots(lib.instances, lib.experts), rule, base_mix)
 
 
-def gated_maker(rule: Rule, alpha: float, base_mix: float = 0.0) -> PolicyMaker:
+def gated_maker(
+    rule: Rule, alpha: float, base_mix: float = 0.0, how: Normalisation = "minmax"
+) -> PolicyMaker:
     """Today's router that declines each expert whose routed held-out instances (``lib.dev``)
-    show no significant gain over the base model, both fused with BM25 at ``alpha``
-    (:func:`routerretriever.policy.declined_experts`)."""
+    show no significant gain over the base model, both fused with BM25 at ``alpha`` (lists
+    normalised ``how``; :func:`routerretriever.policy.declined_experts`)."""
 
     def make(lib: Library) -> Policy:
         pilots = build_pilots(lib.instances, lib.experts)
@@ -151,8 +170,8 @@ def gated_maker(rule: Rule, alpha: float, base_mix: float = 0.0) -> PolicyMaker:
             alphas = np.full(len(qs.qids), alpha)
             base_w = np.ones((len(qs.qids), 1))
             gains.append(
-                qs.score(policy.members, policy.weights(qs.base)[0], alphas)
-                - qs.score([BASE], base_w, alphas)
+                qs.score(policy.members, policy.weights(qs.base)[0], alphas, how)
+                - qs.score([BASE], base_w, alphas, how)
             )
         gain = np.concatenate(gains) if gains else np.zeros(0)
         decline = declined_experts(routed, gain, lib.experts)
@@ -191,62 +210,81 @@ class Candidate:
     test: dict[str, float] = field(default_factory=dict)  # domain -> mean test nDCG@10
     cost: float = 1.0  # dense passes per query beyond the routing pass (mean, on dev)
     fits_dev: bool = False  # fitted on dev instances too: its dev scores are cross-fitted
+    how: Normalisation = "minmax"  # how each list is normalised before fusion
 
     def dev_mean(self, domains: Sequence[str] | None = None) -> float:
         keys = domains if domains is not None else list(self.dev)
         return float(np.mean([self.dev[d] for d in keys]))
 
 
-def run_policy(policy: Policy, alpha: float, qs: QuerySet) -> tuple[np.ndarray, float]:
-    """Per-query nDCG@10 of ``policy`` fused with BM25 at ``alpha`` on ``qs``, and its cost
-    (expert passes per query beyond the routing pass)."""
+def run_policy(
+    policy: Policy, alpha: float, qs: QuerySet, how: Normalisation = "minmax"
+) -> tuple[np.ndarray, float]:
+    """Per-query nDCG@10 of ``policy`` fused with BM25 at ``alpha`` (lists normalised ``how``)
+    on ``qs``, and its cost (expert passes per query beyond the routing pass)."""
     w = policy.weights(qs.base)[0]  # (n, m)
     used = (w > 0) & (np.array(policy.members) != BASE)[None, :]
     alphas = np.full(len(qs.qids), alpha)
-    return qs.score(policy.members, w, alphas), float(used.sum(axis=1).mean())
+    return qs.score(policy.members, w, alphas, how), float(used.sum(axis=1).mean())
 
 
 def candidate_grid(rule: Rule) -> list[Candidate]:
-    """Every candidate system, with each lexical weight in :data:`ALPHAS`."""
-    out: list[Candidate] = []
-    for a in ALPHAS:
-        lex = "" if a == 1.0 else f" + BM25 (α {a})"
-        out.append(Candidate(f"Base model{lex}", "base", pilot_maker(rule, 1.0), a))
-        out.append(Candidate(f"RouterRetriever ({rule}){lex}", "pilot", pilot_maker(rule), a))
-        for beta in (0.0, 0.3):
-            mix = f", base mix {beta}" if beta else ""
-            out.append(
-                Candidate(
-                    f"RouterRetriever ({rule}), gated{mix}{lex}",
-                    f"pilot-gated{mix.replace(', base mix ', '-mix-')}",
-                    gated_maker(rule, a, beta),
-                    a,
-                    fits_dev=True,
-                )
+    """Every candidate system, with each lexical weight in :data:`ALPHAS` and each of the
+    fusion's normalisations (:data:`routerretriever.fusion.NORMALISATIONS`; ``alpha = 1`` needs
+    none, so it is listed once)."""
+    return [
+        c
+        for a in ALPHAS
+        for how in (NORMALISATIONS if a < 1.0 else NORMALISATIONS[:1])
+        for c in _candidates(rule, a, how)
+    ]
+
+
+def _candidates(rule: Rule, a: float, how: Normalisation) -> list[Candidate]:
+    """Every family at dense weight ``a``, its lists normalised ``how``."""
+    if a == 1.0:
+        lex = ""
+    else:
+        lex = f" + BM25 (α {a})" if how == "minmax" else f" + BM25 (α {a}, {how}-normalised)"
+    out = [
+        Candidate(f"Base model{lex}", "base", pilot_maker(rule, 1.0), a, how=how),
+        Candidate(f"RouterRetriever ({rule}){lex}", "pilot", pilot_maker(rule), a, how=how),
+    ]
+    for beta in (0.0, 0.3):
+        mix = f", base mix {beta}" if beta else ""
+        out.append(
+            Candidate(
+                f"RouterRetriever ({rule}), gated{mix}{lex}",
+                f"pilot-gated{mix.replace(', base mix ', '-mix-')}",
+                gated_maker(rule, a, beta, how),
+                a,
+                how=how,
+                fits_dev=True,
             )
-        for beta in (0.3, 0.5):
-            out.append(
-                Candidate(
-                    f"RouterRetriever ({rule}), base mix {beta}{lex}",
-                    f"pilot-mix-{beta}",
-                    pilot_maker(rule, beta),
-                    a,
-                )
+        )
+    for beta in (0.3, 0.5):
+        out.append(
+            Candidate(
+                f"RouterRetriever ({rule}), base mix {beta}{lex}",
+                f"pilot-mix-{beta}",
+                pilot_maker(rule, beta),
+                a,
+                how=how,
             )
-        for k in (20, 80):
-            for temp in (0.02, 0.05):
-                for top in (1, 2, None):
-                    label = {1: "expected-gain routing", 2: "top-2 mixture"}.get(
-                        top or 0, "mixture"
+        )
+    for k in (20, 80):
+        for temp in (0.02, 0.05):
+            for top in (1, 2, None):
+                label = {1: "expected-gain routing", 2: "top-2 mixture"}.get(top or 0, "mixture")
+                out.append(
+                    Candidate(
+                        f"k-NN {label} (K {k}, T {temp}){lex}",
+                        f"knn-{k}-{temp}-{top or 'all'}",
+                        neighbour_maker(k, temp, top),
+                        a,
+                        how=how,
                     )
-                    out.append(
-                        Candidate(
-                            f"k-NN {label} (K {k}, T {temp}){lex}",
-                            f"knn-{k}-{temp}-{top or 'all'}",
-                            neighbour_maker(k, temp, top),
-                            a,
-                        )
-                    )
+                )
     return out
 
 
@@ -259,7 +297,7 @@ def cross_fitted(c: Candidate, lib: Library, qs: QuerySet) -> tuple[np.ndarray, 
         held = [s.subset(np.flatnonzero(np.arange(len(s.qids)) % 2 != fold)) for s in lib.dev]
         policy = c.make(Library(lib.sets, lib.instances, lib.experts, held))
         part = np.flatnonzero(np.arange(len(qs.qids)) % 2 == fold)
-        s, cost = run_policy(policy, c.alpha, qs.subset(part))
+        s, cost = run_policy(policy, c.alpha, qs.subset(part), c.how)
         scores[part] = s
         costs.append(cost * len(part))
     return scores, float(sum(costs) / len(qs.qids))
@@ -280,13 +318,17 @@ def evaluate_candidates(
             if c.fits_dev:
                 s, cost = cross_fitted(c, lib, qs)
             else:
-                s, cost = run_policy(policy, c.alpha, qs)
+                s, cost = run_policy(policy, c.alpha, qs, c.how)
             c.dev[d] = float(s.mean())
             costs.append(cost)
         c.cost = float(np.mean(costs))
         for d, qs in test.items():
-            c.test[d] = float(run_policy(policy, c.alpha, qs)[0].mean())
+            c.test[d] = float(run_policy(policy, c.alpha, qs, c.how)[0].mean())
         logger.info("%s: dev %.4f test %.4f", c.name, c.dev_mean(), np.mean(list(c.test.values())))
+
+
+def _fusion_label(c: Candidate) -> str:
+    return f"{c.alpha}" if c.how == "minmax" else f"{c.alpha} ({c.how}-normalised)"
 
 
 MAX_PASSES = 0.5  # expert passes per query (on dev) the default may need
@@ -295,7 +337,8 @@ MAX_PASSES = 0.5  # expert passes per query (on dev) the default may need
 def choose(
     cands: Sequence[Candidate], labelled: Sequence[str], max_cost: float = MAX_PASSES
 ) -> tuple[Candidate, dict[str, Candidate]]:
-    """The default: per family, the lexical weight best on the labelled dev domains; then the
+    """The default: per family, the lexical weight and normalisation best on the labelled dev
+    domains; then the
     family best there too, among those costing at most ``max_cost`` expert passes per query
     (every domain's dev instances stand in when no domain has labelled dev queries). Returns
     the default and each family's choice.
@@ -319,7 +362,8 @@ def choose(
 
 
 def query_sets(exp: Experiment, part: str, domains: Sequence[str], members: Sequence[str]) -> dict:
-    """:class:`QuerySet` of each domain's test queries or ``"train"``/``"dev"`` instances."""
+    """:class:`QuerySet` of each domain's test queries or ``"train"``/``"dev"``/``"choice"``
+    instances (see :meth:`routerretriever.experiment.Experiment.instances`)."""
     out = {}
     specs = {s.name: s for s in exp.cfg.domains}
     for d in domains:
@@ -343,9 +387,10 @@ def query_sets(exp: Experiment, part: str, domains: Sequence[str], members: Sequ
 
 def run_pool(
     exp: Experiment, train_inst: list, rule: Rule
-) -> tuple[dict[str, Any], dict[str, tuple[Policy, float]]]:
+) -> tuple[dict[str, Any], dict[str, tuple[Policy, float, Normalisation]]]:
     """Every candidate's dev and test rows, the chosen default, and its zero-shot and growth rows;
-    also each family's chosen policy (over every expert) and dense weight, to save; the
+    also each family's chosen policy (over every expert), dense weight and normalisation, to
+    save; the
     default's family is ``report["default"]["family"]``."""
     cfg = exp.cfg
     experts = exp.experts
@@ -354,7 +399,8 @@ def run_pool(
     unseen = [d.name for d in cfg.domains if d.train == "none"]
     labelled = [d.name for d in cfg.expert_domains if d.train != "corpus"]
     train = query_sets(exp, "train", seen, members)
-    dev = query_sets(exp, "dev", seen, members)
+    exp.instances("choice")  # held-out queries the experts never saw, where a domain has them
+    dev = query_sets(exp, "choice", seen, members)
     test = query_sets(exp, "test", [*seen, *unseen], [*members])
 
     def library(pool: Sequence[str], domains: Sequence[str]) -> Library:
@@ -378,7 +424,7 @@ def run_pool(
         )
     # What choosing alpha on every domain's dev instances (pseudo-queries too) would pick.
     alpha_all = {
-        fam: max((c for c in cands if c.family == fam), key=lambda c: c.dev_mean()).alpha
+        fam: _fusion_label(max((c for c in cands if c.family == fam), key=lambda c: c.dev_mean()))
         for fam in per_family
     }
 
@@ -387,7 +433,7 @@ def run_pool(
         for d in [*seen, *unseen]:
             pool = [e for e in experts if e != d]
             zpolicy = c.make(library(pool, [x for x in seen if x != d]))
-            out[d] = float(run_policy(zpolicy, c.alpha, test[d])[0].mean())
+            out[d] = float(run_policy(zpolicy, c.alpha, test[d], c.how)[0].mean())
         return out
 
     zero = zero_shot(default)
@@ -404,13 +450,16 @@ def run_pool(
     growth = []
     for m in range(1, len(experts) + 1):
         gpolicy = default.make(library(experts[:m], seen[:m]))
-        per = {d: float(run_policy(gpolicy, default.alpha, test[d])[0].mean()) for d in seen}
+        per = {
+            d: float(run_policy(gpolicy, default.alpha, test[d], default.how)[0].mean())
+            for d in seen
+        }
         growth.append({"experts": experts[:m], "average": float(np.mean(list(per.values())))})
     unseen_default = {d: zero[d] for d in unseen}
     base_fused = per_family["base"]
     base_policy = base_fused.make(lib)
     base_all = {
-        d: float(run_policy(base_policy, base_fused.alpha, test[d])[0].mean())
+        d: float(run_policy(base_policy, base_fused.alpha, test[d], base_fused.how)[0].mean())
         for d in [*seen, *unseen]
     }
     report = {
@@ -419,6 +468,7 @@ def run_pool(
                 "name": c.name,
                 "family": c.family,
                 "alpha": c.alpha,
+                "normalise": c.how,
                 "cost": c.cost,
                 "dev": c.dev,
                 "test": c.test,
@@ -429,11 +479,13 @@ def run_pool(
         "family_choice": {f: c.name for f, c in per_family.items()},
         "alpha_if_chosen_on_all_dev": alpha_all,
         "labelled_dev_domains": labelled,
+        "dev_sets": dict(exp.choice_source),
         "max_passes": MAX_PASSES,
         "default": {
             "name": default.name,
             "family": default.family,
             "alpha": default.alpha,
+            "normalise": default.how,
             "per_domain": default.test,
             "average": float(np.mean(list(default.test.values()))),
             "zero_shot": zero,
@@ -444,4 +496,4 @@ def run_pool(
         "gates": gates,
         "base_fused": {"name": base_fused.name, "per_domain": base_all},
     }
-    return report, {f: (c.make(lib), c.alpha) for f, c in per_family.items()}
+    return report, {f: (c.make(lib), c.alpha, c.how) for f, c in per_family.items()}

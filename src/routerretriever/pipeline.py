@@ -31,8 +31,8 @@ def run_experiment(config: str | Path, rule: Rule | None = None) -> Path:
     res["pool"], systems = run_pool(exp, exp.instances("train"), res["rule"])
     # The default system travels: experts, routing policy and BM25 settings in one folder
     # (each family's choice too, under routers/, for benchmarks/route_speed.py).
-    for family, (policy, alpha) in systems.items():
-        rr = RouterRetriever(exp.encoder, policy=policy, alpha=alpha, bm25=cfg.bm25)
+    for family, (policy, alpha, how) in systems.items():
+        rr = RouterRetriever(exp.encoder, policy=policy, alpha=alpha, bm25=cfg.bm25, normalise=how)
         rr.save(cfg.results / "routers" / family)
         if family == res["pool"]["default"]["family"]:
             rr.save(cfg.results / "router")

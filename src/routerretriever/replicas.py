@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
+    from routerretriever.fusion import Normalisation
     from routerretriever.retriever import RoutingPrecision
     from routerretriever.router import Rule
 
@@ -44,6 +45,7 @@ class ServeSpec:
     routing_precision: RoutingPrecision = "auto"
     alpha: float = 1.0
     base_mix: float = 0.0
+    normalise: Normalisation = "minmax"
     limits: tuple[int, int, int] = (64, 2000, 100)  # queries, characters, k
     batch_window_ms: float = 0.0
     max_batch_queries: int = 256
@@ -85,6 +87,7 @@ def build_app(spec: ServeSpec) -> Any:
         cache_dir=spec.cache_dir,
         alpha=spec.alpha,
         base_mix=spec.base_mix,
+        normalise=spec.normalise,
     )
 
     def follow() -> None:

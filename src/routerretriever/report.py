@@ -194,6 +194,10 @@ def _pool_section(pool: dict[str, Any], seen: list[str], unseen: list[str]) -> l
         + ", ".join(f"{f} {a}" for f, a in pool["alpha_if_chosen_on_all_dev"].items())
         + ".",
         "",
+        "Dev instances of each domain (gates, lexical weights and families are scored there): "
+        + "; ".join(f"{k}: {v}" for k, v in pool.get("dev_sets", {}).items())
+        + ".",
+        "",
         _table(header, rows),
         "",
         *gate_lines,

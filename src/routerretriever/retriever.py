@@ -21,7 +21,7 @@ from routerretriever.encoder import BASE, Encoder, has_fast_bfloat16
 from routerretriever.errors import ModelError
 from routerretriever.evaluation import DEFAULT_METRICS, EvalResult, evaluate, parse_metric
 from routerretriever.files import atomic_dir, default_cache_dir
-from routerretriever.fusion import fuse_scores
+from routerretriever.fusion import NORMALISATIONS, Normalisation, fuse_scores
 from routerretriever.index import FaissIndex, VectorIndex
 from routerretriever.lexical import BM25Config, BM25Index
 from routerretriever.onnx_encoder import BACKENDS, Backend, onnx_model
@@ -152,8 +152,8 @@ class RouterRetriever(DenseRetriever):
     the default when only ``pilots`` is given), or a mixture. Step 2 embeds the query with each
     member it uses, in one mixed batch, and searches the shared index once with the weighted sum
     of those vectors (exact score fusion, since documents are embedded by the base model only).
-    With ``alpha < 1`` the dense ranking is fused with BM25's (min-max normalised, ``alpha`` on
-    the dense side; :func:`routerretriever.fusion.fuse_scores`).
+    With ``alpha < 1`` the dense ranking is fused with BM25's (each list normalised as
+    ``normalise`` says, ``alpha`` on the dense side; :func:`routerretriever.fusion.fuse_scores`).
 
     Step 1 only has to route, so it can run cheaper than step 2:
     ``routing_precision="auto"`` (default) runs it in bfloat16 where the hardware does so
@@ -184,6 +184,7 @@ class RouterRetriever(DenseRetriever):
         alpha: float = 1.0,
         bm25: BM25Config | None = None,
         routing_precision: RoutingPrecision = "auto",
+        normalise: Normalisation = "minmax",
         **kwargs: Any,
     ) -> None:
         super().__init__(encoder, **kwargs)
@@ -209,7 +210,10 @@ class RouterRetriever(DenseRetriever):
             )
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha (the dense side's weight) must be in [0, 1], got {alpha}")
+        if normalise not in NORMALISATIONS:
+            raise ValueError(f"normalise must be one of {list(NORMALISATIONS)}, got {normalise!r}")
         self.alpha = float(alpha)
+        self.normalise: Normalisation = normalise
         self.bm25 = bm25 or BM25Config()
         self.lexical: BM25Index | None = None
         self.routing_precision = routing_precision
@@ -307,7 +311,10 @@ class RouterRetriever(DenseRetriever):
             if self.lexical is None:
                 raise RuntimeError("no BM25 index: call index_corpus(corpus) first")
             lexical = self.lexical.search(texts, max(k, FUSION_DEPTH), exclude_ids=qids)
-            hits = [fuse_scores(d, x, self.alpha, k) for d, x in zip(hits, lexical, strict=True)]
+            hits = [
+                fuse_scores(d, x, self.alpha, k, self.normalise)
+                for d, x in zip(hits, lexical, strict=True)
+            ]
         run = {qid: dict(h) for qid, h in zip(qids, hits, strict=True)}
         return run, dict(zip(qids, decisions, strict=True))
 
@@ -334,6 +341,7 @@ class RouterRetriever(DenseRetriever):
                 "routerretriever": __version__,
                 "policy": policy,
                 "alpha": self.alpha,
+                "normalise": self.normalise,
                 "bm25": asdict(self.bm25),
                 "routing_precision": self.routing_precision,
                 "base_model": str(self.encoder.model_path),
@@ -368,6 +376,9 @@ class RouterRetriever(DenseRetriever):
             }
             policy = load_policy(path, policy_spec)
             bm25 = BM25Config(**manifest.get("bm25", {}))
+            normalise = manifest.get("normalise", "minmax")  # before it was saved: min-max
+            if normalise not in NORMALISATIONS:
+                raise ValueError(f"normalise must be one of {list(NORMALISATIONS)}")
         except (ValueError, KeyError, TypeError, OSError) as e:
             raise ModelError(f"{manifest_file}: cannot read the saved router ({e})") from None
         if base_model is None and not Path(saved).is_dir():
@@ -377,6 +388,7 @@ class RouterRetriever(DenseRetriever):
             load_expert(encoder, path / "experts" / name, name)
         kwargs.setdefault("routing_precision", manifest.get("routing_precision", "auto"))
         kwargs.setdefault("alpha", float(manifest.get("alpha", 1.0)))
+        kwargs.setdefault("normalise", normalise)
         return cls(encoder, policy=policy, bm25=bm25, **kwargs)
 
 

@@ -94,6 +94,13 @@ def add_serve_parser(sub: Any) -> None:
         "paper's hard routing; default 0.3: a hedge against a routed expert that does not help, "
         "as the served engine has no gate; costs no extra pass)",
     )
+    sv.add_argument(
+        "--normalise",
+        choices=["minmax", "max"],
+        default="minmax",
+        help="how each side's scores are normalised before fusion: 'minmax' (a list's lowest and "
+        "highest hit to 0 and 1, the default) or 'max' (divided by the highest)",
+    )
     sv.add_argument("--routing-precision", choices=["auto", "float32", "bfloat16"], default="auto")
     sv.add_argument("--model", default=None, help="base model folder or hub id")
     sv.add_argument("--cache-dir", type=Path, default=None)
@@ -210,6 +217,7 @@ def _serve_replicas(args: argparse.Namespace, api_key: str | None, admin: bool) 
         routing_precision=args.routing_precision,
         alpha=args.alpha,
         base_mix=args.base_mix,
+        normalise=args.normalise,
         limits=(args.max_queries, args.max_query_chars, args.max_k),
         batch_window_ms=args.batch_window_ms,
         max_batch_queries=args.max_batch_queries,
@@ -279,6 +287,7 @@ def open_engine(args: argparse.Namespace) -> Engine:
         cache_dir=args.cache_dir,
         alpha=args.alpha,
         base_mix=args.base_mix,
+        normalise=args.normalise,
     )
     return engine
 

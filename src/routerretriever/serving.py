@@ -31,7 +31,7 @@ from routerretriever.encoder import BASE, Encoder
 from routerretriever.errors import ModelError
 from routerretriever.experts import ExpertInfo, check_folder, check_name
 from routerretriever.files import atomic_write, default_cache_dir
-from routerretriever.fusion import fuse_scores
+from routerretriever.fusion import NORMALISATIONS, Normalisation, fuse_scores
 from routerretriever.index import VectorIndex
 from routerretriever.indexes import corpus_index, lexical_index
 from routerretriever.instances import Domain, InstanceScorer
@@ -116,6 +116,7 @@ class Engine:
         batch_size: int = 32,
         alpha: float = 1.0,
         base_mix: float = 0.0,
+        normalise: Normalisation = "minmax",
         lexical: LexicalIndex | None = None,
         before_commit: Callable[[], None] | None = None,
     ) -> None:
@@ -125,7 +126,10 @@ class Engine:
             raise ValueError(f"base_mix must be in [0, 1], got {base_mix}")
         if alpha < 1.0 and lexical is None:
             raise ValueError("alpha < 1 fuses BM25: give a lexical index (see lexical_index)")
+        if normalise not in NORMALISATIONS:
+            raise ValueError(f"normalise must be one of {list(NORMALISATIONS)}, got {normalise!r}")
         self.alpha, self.base_mix, self.lexical = float(alpha), float(base_mix), lexical
+        self.normalise: Normalisation = normalise
         #: Called by an add once the new library is built, before it is recorded (tests kill
         #: the server there).
         self.before_commit = before_commit
@@ -263,7 +267,10 @@ class Engine:
             depth = max(k, FUSION_DEPTH)
             dense = self.index.search(emb, depth)
             lexical = self.lexical.search(texts, depth)
-            hits = [fuse_scores(d, x, self.alpha, k) for d, x in zip(dense, lexical, strict=True)]
+            hits = [
+                fuse_scores(d, x, self.alpha, k, self.normalise)
+                for d, x in zip(dense, lexical, strict=True)
+            ]
         return [
             SearchResult(h, d.expert, d.scores, d.members, d.lexical_weight)
             for h, d in zip(hits, decisions, strict=True)
@@ -448,6 +455,7 @@ class Engine:
                 self.encoder,
                 policy=PilotPolicy(lib, self.rule, self.base_mix),
                 alpha=self.alpha,
+                normalise=self.normalise,
                 routing_precision=self.routing_precision,
                 batch_size=self.batch_size,
                 show_progress=False,

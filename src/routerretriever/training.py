@@ -52,6 +52,10 @@ class TrainingSet:
     source: str = ""
     fingerprint: str = ""
     doc_backend: str = "torch"  # the runtime that made doc_emb (store.CorpusEmbeddings.backend)
+    #: Labelled dev-split queries beyond ``max_dev``: neither trained nor early-stopped on, so
+    #: the only held-out queries whose scores do not flatter this domain's expert.
+    unseen_queries: Queries = field(default_factory=dict)
+    unseen_qrels: Qrels = field(default_factory=dict)
     positives: dict[str, list[str]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -99,7 +103,9 @@ def load_training_set(
     """A training set from a BEIR folder: its labelled ``split``, or pseudo-queries of its corpus.
 
     The dev set is ``dev_split`` when given (or the folder's ``dev`` split, for labelled data),
-    else a held-out ``dev_fraction`` of the training queries. It is never the test split.
+    else a held-out ``dev_fraction`` of the training queries. It is never the test split. A dev
+    split larger than ``max_dev`` keeps the rest aside, unseen by training
+    (:attr:`TrainingSet.unseen_queries`).
     """
     folder = Path(folder)
     if dev_split == "test" or (split == "test" and not from_corpus):
@@ -123,9 +129,14 @@ def load_training_set(
             queries, qrels, dev_fraction, max_dev, seed
         )
         source += f", dev: {len(dev_qrels)} held-out training queries"
+    unseen_queries: Queries = {}
+    unseen_qrels: Qrels = {}
     if len(dev_qrels) > max_dev:
         keep = sorted(dev_qrels)
         random.Random(seed).shuffle(keep)
+        rest = sorted(q for q in keep[max_dev:] if q in dev_queries)
+        unseen_qrels = {q: dev_qrels[q] for q in rest}
+        unseen_queries = {q: dev_queries[q] for q in rest}
         dev_qrels = {q: dev_qrels[q] for q in sorted(keep[:max_dev])}
         dev_queries = {q: dev_queries[q] for q in dev_qrels}
     emb = embed_corpus(encoder, corpus, cache_dir=cache_dir)
@@ -142,6 +153,8 @@ def load_training_set(
         source=source,
         fingerprint=fp,
         doc_backend=emb.backend,
+        unseen_queries=unseen_queries,
+        unseen_qrels=unseen_qrels,
     )
 
 
