@@ -86,7 +86,8 @@ def test_expected_gain_routing_declines_the_harmful_expert(world):
 
 def test_the_default_is_chosen_on_dev_and_fast(world):
     lib, dev = world
-    cands = candidate_grid("weighted")
+    assert {c.how for c in candidate_grid("weighted")} == {"minmax"}  # by default
+    cands = candidate_grid("weighted", NORMALISATIONS)
     cands = [c for c in cands if c.family in ("base", "pilot", "knn-20-0.02-1", "knn-20-0.02-all")]
     evaluate_candidates(cands, lib, dev, dev)
     default, best = choose(cands, ["x"], max_cost=1.0)

@@ -23,6 +23,7 @@ from routerretriever.encoder import BASE, Encoder
 from routerretriever.errors import DataError
 from routerretriever.experts import load_expert
 from routerretriever.files import atomic_write
+from routerretriever.fusion import NORMALISATIONS, Normalisation
 from routerretriever.index import FaissIndex
 from routerretriever.lexical import BM25Config, BM25Index
 from routerretriever.onnx_encoder import BACKENDS, Backend
@@ -68,6 +69,8 @@ class ExperimentConfig:
     bm25: BM25Config = field(default_factory=BM25Config)  # the pool's lexical member
     multitask: bool = True  # train the multi-task LoRA baseline (Table 1's second row)
     backend: Backend = "auto"  # the corpus side's runtime (routerretriever.onnx_encoder)
+    #: the pool's candidates fuse BM25 with each of these (routerretriever.fusion.normalise)
+    normalisations: list[Normalisation] = field(default_factory=lambda: ["minmax"])
 
     @classmethod
     def load(cls, path: str | Path) -> ExperimentConfig:
@@ -106,6 +109,12 @@ class ExperimentConfig:
             raise ValueError(
                 f"{path}: backend must be one of {', '.join(BACKENDS)}; got {backend!r}"
             )
+        norms = raw.get("normalisations", ["minmax"])
+        if not isinstance(norms, list) or not norms or set(norms) - set(NORMALISATIONS):
+            raise ValueError(
+                f"{path}: normalisations must be a non-empty list of {list(NORMALISATIONS)}; "
+                f"got {str(norms)[:80]}"
+            )
         return cls(
             domains=domains,
             store=root_path(raw.get("store", "runs/experts")),
@@ -123,6 +132,7 @@ class ExperimentConfig:
             bm25=BM25Config(**raw.get("bm25", {})),
             multitask=bool(raw.get("multitask", True)),
             backend=backend,
+            normalisations=list(dict.fromkeys(norms)),
         )
 
     @property

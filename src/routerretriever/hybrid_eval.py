@@ -30,7 +30,6 @@ import numpy as np
 from routerretriever.encoder import BASE
 from routerretriever.evaluation import evaluate
 from routerretriever.fusion import (
-    NORMALISATIONS,
     Hits,
     Normalisation,
     fuse_scores,
@@ -228,14 +227,15 @@ def run_policy(
     return qs.score(policy.members, w, alphas, how), float(used.sum(axis=1).mean())
 
 
-def candidate_grid(rule: Rule) -> list[Candidate]:
-    """Every candidate system, with each lexical weight in :data:`ALPHAS` and each of the
-    fusion's normalisations (:data:`routerretriever.fusion.NORMALISATIONS`; ``alpha = 1`` needs
-    none, so it is listed once)."""
+def candidate_grid(
+    rule: Rule, normalisations: Sequence[Normalisation] = ("minmax",)
+) -> list[Candidate]:
+    """Every candidate system, with each lexical weight in :data:`ALPHAS` and each of
+    ``normalisations`` (``alpha = 1`` needs none, so it is listed once)."""
     return [
         c
         for a in ALPHAS
-        for how in (NORMALISATIONS if a < 1.0 else NORMALISATIONS[:1])
+        for how in (normalisations if a < 1.0 else normalisations[:1])
         for c in _candidates(rule, a, how)
     ]
 
@@ -408,7 +408,7 @@ def run_pool(
         return Library([train[d] for d in domains], insts, list(pool), [dev[d] for d in domains])
 
     lib = library(experts, seen)
-    cands = candidate_grid(rule)
+    cands = candidate_grid(rule, cfg.normalisations)
     evaluate_candidates(cands, lib, dev, {d: test[d] for d in seen})
     default, per_family = choose(cands, labelled)
     rows = {
