@@ -7,6 +7,8 @@ from hypothesis import strategies as st
 
 from routerretriever.fusion import (
     NORMALISATIONS,
+    ScoreMoments,
+    fuse_lists,
     fuse_scores,
     mix_queries,
     normalise,
@@ -89,7 +91,7 @@ def test_normalise_edge_cases():
     with pytest.raises(ValueError, match="unknown normalisation 'z'"):
         normalise(neg, "z")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown normalisation"):
-        fuse_scores(neg, neg, 0.5, 3, "zscore")  # type: ignore[arg-type]
+        fuse_scores(neg, neg, 0.5, 3, "rank")  # type: ignore[arg-type]
 
 
 def test_reciprocal_rank_by_hand_and_against_ranx():
@@ -125,7 +127,9 @@ def test_fusion_is_a_ranking_of_the_union(dense, lexical, alpha, k, how):
     assert len({d for d, _ in out}) == len(out)
     scores = [s for _, s in out]
     assert scores == sorted(scores, reverse=True)
-    if 0 < alpha < 1:
+    if 0 < alpha < 1 and how == "zscore":  # own moments: |z| <= sqrt(n - 1) (Samuelson)
+        assert all(abs(s) <= np.sqrt(7) + 1e-9 for s in scores)
+    elif 0 < alpha < 1:
         floor = 0.0 if how == "minmax" else -1.0
         assert all(floor - 1e-9 <= s <= 1 + 1e-9 for s in scores)
 
@@ -147,8 +151,8 @@ positive_hits = st.lists(
     shift=st.floats(0.1, 10),
 )
 def test_each_normalisation_ignores_what_it_should(dense, lexical, alpha, scale, shift):
-    """Both ignore each list's units (a positive factor); min-max also ignores an offset, while
-    "max" does not: the distance to the floor is the evidence it keeps."""
+    """All ignore each list's units (a positive factor); min-max and z-scores also ignore an
+    offset, while "max" does not: the distance to the floor is the evidence it keeps."""
 
     def scaled(h, c, b=0.0):
         return [(d, c * v + b) for d, v in h]
@@ -158,10 +162,73 @@ def test_each_normalisation_ignores_what_it_should(dense, lexical, alpha, scale,
         got = fuse_scores(scaled(dense, scale[0]), scaled(lexical, scale[1]), alpha, 8, how)
         assert [d for d, _ in got] == pytest.approx([d for d, _ in ref])
         np.testing.assert_allclose([s for _, s in got], [s for _, s in ref], atol=1e-9)
-    shifted = fuse_scores(scaled(dense, 1.0, shift), lexical, alpha, 8, "minmax")
-    np.testing.assert_allclose(
-        [s for _, s in shifted], [s for _, s in fuse_scores(dense, lexical, alpha, 8)], atol=1e-9
+    for how in ("minmax", "zscore"):
+        shifted = fuse_scores(scaled(dense, 1.0, shift), lexical, alpha, 8, how)
+        ref = fuse_scores(dense, lexical, alpha, 8, how)
+        np.testing.assert_allclose([s for _, s in shifted], [s for _, s in ref], atol=1e-9)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    dense=positive_hits,
+    lexical=positive_hits,
+    alpha=st.floats(0.05, 0.95),
+    stats=st.tuples(st.floats(-3, 3), st.floats(0.1, 5), st.floats(0, 3), st.floats(0.1, 5)),
+    scale=st.floats(0.1, 10),
+    shift=st.floats(-10, 10),
+)
+def test_zscore_with_corpus_moments_is_affine_invariant(dense, lexical, alpha, stats, scale, shift):
+    """A list and its corpus-wide moments moved to other units together fuse the same; the
+    moments, not the list's own spread, set each hit's score."""
+    ds, ls = (stats[0], stats[1]), (stats[2], stats[3])
+    ref = fuse_scores(dense, lexical, alpha, 8, "zscore", (ds, ls))
+    moved = [(d, scale * v + shift) for d, v in dense]
+    got = fuse_scores(
+        moved, lexical, alpha, 8, "zscore", ((scale * ds[0] + shift, scale * ds[1]), ls)
     )
+    np.testing.assert_allclose([s for _, s in got], [s for _, s in ref], atol=1e-7)
+    z, _ = normalise(dense, "zscore", ds)
+    assert z == pytest.approx({d: (v - ds[0]) / ds[1] for d, v in dense})
+
+
+def test_zscore_by_hand_and_its_fallbacks():
+    hits = [("a", 3.0), ("b", 1.0)]
+    assert normalise(hits, "zscore") == ({"a": 1.0, "b": -1.0}, -1.0)  # own mean 2, deviation 1
+    assert normalise(hits, "zscore", (0.0, 2.0)) == ({"a": 1.5, "b": 0.5}, 0.5)
+    for unknown in ((np.nan, np.nan), (1.0, 0.0), (1.0, np.inf)):  # unusable: the list's own
+        assert normalise(hits, "zscore", unknown) == normalise(hits, "zscore")
+    assert normalise([("a", 2.0), ("b", 2.0)], "zscore") == ({"a": 0.0, "b": 0.0}, 0.0)
+    # b is far above the corpus on the lexical side but not the dense one: z-scores say so,
+    # where min-max puts each list's best at 1 whatever the spread behind it.
+    dense, lexical = [("a", 0.9), ("b", 0.8)], [("b", 12.0), ("a", 1.0)]
+    moments = ((0.7, 0.1), (1.0, 1.0))
+    assert fuse_scores(dense, lexical, 0.5, 2, "zscore", moments)[0][0] == "b"
+    assert fuse_scores(dense, lexical, 0.9, 2, "zscore", moments)[0][0] == "b"
+    assert fuse_scores(dense, lexical, 0.9, 2, "minmax")[0][0] == "a"
+    with pytest.raises(ValueError, match="2 dense lists but 1 lexical"):
+        fuse_lists([dense, dense], [lexical], 0.5, 2)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    batches=st.lists(st.integers(1, 20), min_size=1, max_size=4),
+    dim=st.integers(1, 12),
+)
+def test_score_moments_equal_scoring_every_document(seed, batches, dim):
+    rng = np.random.default_rng(seed)
+    index = FaissIndex(dim)
+    docs = []
+    for b, n in enumerate(batches):  # added in batches, as a growing corpus is
+        e = rng.normal(size=(n, dim)).astype(np.float32)
+        index.add([f"d{b}-{i}" for i in range(n)], e)
+        docs.append(e)
+    q = rng.normal(size=(3, dim)).astype(np.float32)
+    scores = q.astype(np.float64) @ np.concatenate(docs).astype(np.float64).T  # (3, N)
+    got = index.score_stats(q)
+    np.testing.assert_allclose(got[:, 0], scores.mean(axis=1), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got[:, 1], scores.std(axis=1), rtol=1e-4, atol=1e-5)
+    assert np.isnan(ScoreMoments(dim).stats(q)).all()  # no documents: unknown
 
 
 def test_an_instance_never_predicts_itself():

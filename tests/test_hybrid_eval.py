@@ -99,6 +99,7 @@ def test_the_default_is_chosen_on_dev_and_fast(world):
     assert {(c.alpha < 1, c.how) for c in cands} == {
         (True, "minmax"),
         (True, "max"),
+        (True, "zscore"),
         (False, "minmax"),
     }
     for fam, c in best.items():  # each family's alpha and normalisation: best on labelled dev

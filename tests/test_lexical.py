@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -64,6 +65,17 @@ def test_search_ranks_excludes_own_id_and_drops_zero_scores():
     assert index.search(["zyzzyva quux"], k=3) == [[]]  # unknown words: no hits
     with pytest.raises(ValueError, match="k must be positive"):
         index.search(["x"], k=0)
+
+
+def test_search_with_stats_gives_the_moments_of_every_score():
+    index = BM25Index.build(CORPUS)
+    queries = ["heart cholesterol", "wings", "zyzzyva"]
+    hits, stats = index.search_with_stats(queries, k=2, exclude_ids=["d3", None, None])
+    assert hits == index.search(queries, k=2, exclude_ids=["d3", None, None])
+    for q, (mean, sd) in zip(queries, stats, strict=True):
+        every = index.scores(q)  # the whole corpus, the excluded document included
+        assert (mean, sd) == pytest.approx((every.mean(), every.std()), abs=1e-6)
+    assert tuple(stats[2]) == (0.0, 0.0)  # unknown words: every score 0
 
 
 def test_bm25_scifact_reference_score():
@@ -145,3 +157,5 @@ def test_any_text_is_indexed_and_searched_without_error(docs, query, k):
     (hits,) = index.search([query], k)
     assert len(hits) <= k
     assert all(d in corpus and s > 0 for d, s in hits)
+    (again,), stats = index.search_with_stats([query], k)
+    assert again == hits and stats.shape == (1, 2) and np.isfinite(stats).all()

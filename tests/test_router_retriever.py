@@ -355,7 +355,7 @@ def test_a_saved_router_with_a_bad_fusion_setting_names_its_file(setup, tmp_path
     del saved["normalise"]  # saved before the setting existed: min-max, as then
     manifest.write_text(json.dumps(saved))
     assert RouterRetriever.load(tmp_path / "rr").normalise == "minmax"
-    manifest.write_text(json.dumps({**saved, "normalise": "zscore"}))
+    manifest.write_text(json.dumps({**saved, "normalise": "rank"}))
     with pytest.raises(ModelError, match=r"router\.json: cannot read the saved router .*normalise"):
         RouterRetriever.load(tmp_path / "rr")
     with pytest.raises(ValueError, match="normalise must be one of"):

@@ -428,9 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bu.add_argument(
         "--normalise",
-        choices=["minmax", "max"],
+        choices=["minmax", "max", "zscore"],  # routerretriever.fusion.NORMALISATIONS
         default="minmax",
-        help="each side's scores before fusion: minmax (default) or max (divided by the best)",
+        help="each side's scores before fusion: minmax (default), max (divided by the best) or "
+        "zscore (against the query's scores over the whole corpus)",
     )
     bu.add_argument(
         "--base-mix", type=unit_float("--base-mix"), default=0.0, help="base vector share"

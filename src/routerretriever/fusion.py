@@ -5,25 +5,66 @@ Documents are embedded by the base model only, so for any query vectors ``q_k`` 
 therefore exact score fusion of their full rankings, done in one index search
 (:func:`mix_queries`). Dense and lexical scores live on different scales, so they are fused per
 query after normalising each list's own top hits (:func:`fuse_scores`), or by reciprocal rank
-(:func:`reciprocal_rank`, Cormack et al. 2009, ``k = 60``). Two normalisations
+(:func:`reciprocal_rank`, Cormack et al. 2009, ``k = 60``). Three normalisations
 (:data:`NORMALISATIONS`): ``"minmax"`` maps a list's lowest and highest score to 0 and 1;
 ``"max"`` divides by the highest, i.e. min-max with the score's theoretical floor of 0 (BM25 is
 never negative; a cosine below 0 is no match) instead of the list's own lowest: Bruch et al.
 2023's "theoretical min-max", which keeps how far apart a list's hits are, so a flat list (no
-confident match) moves the fused ranking less than a peaked one. Either way, a document missing
-from a list gets that list's lowest normalised score. Pure numpy: testable without a model.
+confident match) moves the fused ranking less than a peaked one. ``"zscore"`` subtracts the
+mean of the query's scores over the **whole corpus** and divides by their standard deviation
+(:data:`Stats`), so a hit counts by how far it stands out from every document, not from the
+list's own tail; the indexes supply those moments (dense: exactly, from the corpus embeddings'
+mean and covariance, :class:`ScoreMoments`; BM25: from the scores it computes anyway), and a
+list without them falls back to its own mean and deviation. Whatever the normalisation, a
+document missing from a list gets that list's lowest normalised score. Pure numpy: testable
+without a model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from routerretriever.index import VectorIndex
+    from routerretriever.lexical import LexicalIndex
+
 Hits = list[tuple[str, float]]
-Normalisation = Literal["minmax", "max"]
-NORMALISATIONS: tuple[Normalisation, ...] = ("minmax", "max")
+Normalisation = Literal["minmax", "max", "zscore"]
+NORMALISATIONS: tuple[Normalisation, ...] = ("minmax", "max", "zscore")
+#: ``(mean, standard deviation)`` of one query's scores over every document of the corpus
+Stats = tuple[float, float]
+
+
+class ScoreMoments:
+    """The first two moments of a growing set of document embeddings, so that any query's score
+    distribution over them is known without scoring them: for a query ``q``, the scores
+    ``<q, d>`` have mean ``<q, mu>`` and variance ``q' (S / n - mu mu') q``, with ``S`` the sum of
+    ``d d'``. Exact, ``O(dim^2)`` per query, ``dim^2`` floats of memory."""
+
+    def __init__(self, dim: int) -> None:
+        self.count = 0
+        self._sum = np.zeros(dim, dtype=np.float64)
+        self._outer = np.zeros((dim, dim), dtype=np.float64)
+
+    def add(self, embeddings: np.ndarray) -> None:
+        e = np.asarray(embeddings, dtype=np.float64)
+        self.count += len(e)
+        self._sum += e.sum(axis=0)
+        self._outer += e.T @ e
+
+    def stats(self, queries: np.ndarray) -> np.ndarray:
+        """``(n, 2)``: each query row's score mean and standard deviation over the documents
+        added so far (NaN for none)."""
+        q = np.asarray(queries, dtype=np.float64)
+        if self.count == 0:
+            return np.full((len(q), 2), np.nan)
+        mu = self._sum / self.count
+        cov = self._outer / self.count - np.outer(mu, mu)
+        var = np.einsum("id,de,ie->i", q, cov, q)
+        return np.stack([q @ mu, np.sqrt(np.maximum(var, 0.0))], axis=1)
 
 
 def mix_queries(member_emb: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -43,18 +84,32 @@ def mix_queries(member_emb: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return np.einsum("kid,ik->id", member_emb, weights).astype(np.float32)  # (n, d)
 
 
-def normalise(hits: Hits, how: Normalisation = "minmax") -> tuple[dict[str, float], float]:
+def _known(stats: Stats | None) -> bool:
+    return stats is not None and bool(np.isfinite(stats).all()) and stats[1] > 0
+
+
+def normalise(
+    hits: Hits, how: Normalisation = "minmax", stats: Stats | None = None
+) -> tuple[dict[str, float], float]:
     """Each hit's normalised score, and the list's lowest (what a missing document gets).
 
     ``"max"`` falls back to ``"minmax"`` for a list whose best score is not positive, or whose
     lowest lies further below 0 than its best above (0 is then no floor to measure from); so
-    its scores stay in [-1, 1]. A list whose scores are all equal gets 1 for every hit (each is
-    as good as the list's best) and 0 for a missing document."""
+    its scores stay in [-1, 1]. With ``"minmax"`` and ``"max"``, a list whose scores are all
+    equal gets 1 for every hit (each is as good as the list's best) and 0 for a missing
+    document. ``"zscore"`` uses ``stats`` (the query's scores over the whole corpus) where they
+    are finite with a positive deviation, else the list's own; a list with no spread at all then
+    gets 0 everywhere (it says nothing)."""
     if how not in NORMALISATIONS:
         raise ValueError(f"unknown normalisation {how!r}; use one of {list(NORMALISATIONS)}")
     if not hits:
         return {}, 0.0
     s = np.array([v for _, v in hits], dtype=np.float64)
+    if how == "zscore":
+        mean, sd = stats if stats is not None and _known(stats) else (s.mean(), s.std())
+        if not sd > 0:
+            return {d: 0.0 for d, _ in hits}, 0.0
+        return {d: float((v - mean) / sd) for d, v in hits}, float((s.min() - mean) / sd)
     hi = s.max()
     lo = 0.0 if how == "max" and hi > 0 and s.min() >= -hi else s.min()
     if hi - lo <= 0:
@@ -63,10 +118,16 @@ def normalise(hits: Hits, how: Normalisation = "minmax") -> tuple[dict[str, floa
 
 
 def fuse_scores(
-    dense: Hits, lexical: Hits, alpha: float, k: int, how: Normalisation = "minmax"
+    dense: Hits,
+    lexical: Hits,
+    alpha: float,
+    k: int,
+    how: Normalisation = "minmax",
+    stats: tuple[Stats | None, Stats | None] = (None, None),
 ) -> Hits:
     """``alpha * dense + (1 - alpha) * lexical`` over lists normalised ``how``; top ``k``.
 
+    ``stats`` are each list's corpus-wide score moments, used by ``"zscore"`` only.
     ``alpha = 1`` returns the dense ranking and ``alpha = 0`` the lexical one (scores are then
     the normalised ones). Ties break by document id, so the result does not depend on input order.
     """
@@ -74,14 +135,62 @@ def fuse_scores(
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if alpha == 1.0:
         return list(dense[:k])
-    b, b_low = normalise(lexical, how)
+    b, b_low = normalise(lexical, how, stats[1])
     if alpha == 0.0:
         return sorted(b.items(), key=lambda x: (-x[1], x[0]))[:k]
-    a, a_low = normalise(dense, how)
+    a, a_low = normalise(dense, how, stats[0])
     fused = {
         d: alpha * a.get(d, a_low) + (1 - alpha) * b.get(d, b_low) for d in a.keys() | b.keys()
     }
     return sorted(fused.items(), key=lambda x: (-x[1], x[0]))[:k]
+
+
+def fuse_lists(
+    dense: Sequence[Hits],
+    lexical: Sequence[Hits],
+    alpha: float | Sequence[float] | np.ndarray,
+    k: int,
+    how: Normalisation = "minmax",
+    dense_stats: np.ndarray | None = None,
+    lexical_stats: np.ndarray | None = None,
+) -> list[Hits]:
+    """:func:`fuse_scores` query by query: ``alpha`` one weight or one per query; the stats
+    ``(n, 2)`` (or ``None``) as the indexes' ``score_stats`` and ``search_with_stats`` give."""
+    n = len(dense)
+    if len(lexical) != n:
+        raise ValueError(f"{n} dense lists but {len(lexical)} lexical ones")
+    alphas = [float(alpha)] * n if isinstance(alpha, int | float) else [float(a) for a in alpha]
+
+    def row(st: np.ndarray | None, i: int) -> Stats | None:
+        return None if st is None else (float(st[i, 0]), float(st[i, 1]))
+
+    return [
+        fuse_scores(
+            dense[i], lexical[i], alphas[i], k, how, (row(dense_stats, i), row(lexical_stats, i))
+        )
+        for i in range(n)
+    ]
+
+
+def hybrid_search(
+    index: VectorIndex,
+    lexical: LexicalIndex,
+    emb: np.ndarray,
+    texts: Sequence[str],
+    k: int,
+    alpha: float,
+    how: Normalisation = "minmax",
+    depth: int = 100,
+    exclude_ids: Sequence[str | None] | None = None,
+) -> list[Hits]:
+    """Each side's top ``max(k, depth)`` for the query vectors ``emb`` and the query ``texts``,
+    fused by :func:`fuse_lists` (with the corpus-wide moments when ``how`` is ``"zscore"``)."""
+    kk = max(k, depth)
+    dense = index.search(emb, kk, exclude_ids=exclude_ids)
+    if how == "zscore":
+        lex, lex_stats = lexical.search_with_stats(texts, kk, exclude_ids)
+        return fuse_lists(dense, lex, alpha, k, how, index.score_stats(emb), lex_stats)
+    return fuse_lists(dense, lexical.search(texts, kk, exclude_ids), alpha, k, how)
 
 
 def reciprocal_rank(runs: Sequence[Hits], k: int, c: int = 60) -> Hits:

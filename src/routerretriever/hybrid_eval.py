@@ -32,7 +32,7 @@ from routerretriever.evaluation import evaluate
 from routerretriever.fusion import (
     Hits,
     Normalisation,
-    fuse_scores,
+    fuse_lists,
     mix_queries,
     reciprocal_rank,
 )
@@ -62,6 +62,7 @@ class QuerySet:
     index: FaissIndex
     lexical: list[Hits]
     labelled: bool
+    lexical_stats: np.ndarray | None = None  # (n, 2): BM25's corpus-wide moments per query
     _dense: dict[str, list[Hits]] = field(default_factory=dict)
 
     @property
@@ -83,6 +84,7 @@ class QuerySet:
             self.index,
             [self.lexical[i] for i in idx],
             self.labelled,
+            None if self.lexical_stats is None else self.lexical_stats[idx],
         )
         out._dense = {m: [h[i] for i in idx] for m, h in self._dense.items()}
         return out
@@ -105,17 +107,14 @@ class QuerySet:
         at dense weight ``alpha`` ``(n,)``, each list normalised ``how``."""
         one = np.flatnonzero(weights.max(axis=1) >= 1.0 - 1e-9)
         dense: list[Hits] = [[] for _ in self.qids]
+        q = mix_queries(np.stack([self.emb[m] for m in members]), weights)  # (n, d)
         if len(one) == len(self.qids):  # pure members: reuse their cached searches
             for i in range(len(self.qids)):
                 dense[i] = self.dense_member(members[int(weights[i].argmax())])[i]
         else:
-            q = mix_queries(np.stack([self.emb[m] for m in members]), weights)  # (n, d)
             dense = self.index.search(q, DEPTH, self.qids)
-        run = [
-            fuse_scores(d, lex, float(a), 10, how)
-            for d, lex, a in zip(dense, self.lexical, alpha, strict=True)
-        ]
-        return self.ndcg(run)
+        stats = self.index.score_stats(q) if how == "zscore" else None
+        return self.ndcg(fuse_lists(dense, self.lexical, alpha, 10, how, stats, self.lexical_stats))
 
 
 @dataclass
@@ -373,14 +372,16 @@ def query_sets(exp: Experiment, part: str, domains: Sequence[str], members: Sequ
         else:
             queries, qrels = exp.instance_queries[(part, d)]
         qids = list(queries)
+        lexical, stats = exp.lexical[d].search_with_stats([queries[q] for q in qids], DEPTH, qids)
         out[d] = QuerySet(
             d,
             qids,
             qrels,
             exp.member_embeddings(part, d, members),
             dom.index,
-            exp.lexical[d].search([queries[q] for q in qids], DEPTH, qids),
+            lexical,
             labelled=part == "test" or specs[d].train != "corpus",
+            lexical_stats=stats,
         )
     return out
 

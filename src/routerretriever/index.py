@@ -1,7 +1,8 @@
 """The shared corpus index: exact inner-product search over base-model document embeddings.
 
 One index serves the base model and every expert, since documents never go through an expert.
-The interface (``add``, ``search``, ``__len__``) is kept small so other backends can follow.
+The interface (``add``, ``search``, ``score_stats``, ``__len__``) is kept small so other backends
+can follow.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
+
+from routerretriever.fusion import ScoreMoments
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +28,11 @@ class VectorIndex(Protocol):
     def search(
         self, queries: np.ndarray, k: int, exclude_ids: Sequence[str | None] | None = None
     ) -> list[Hits]: ...
+
+    def score_stats(self, queries: np.ndarray) -> np.ndarray | None:
+        """``(n, 2)``: each query's score mean and deviation over the whole corpus, for z-score
+        fusion (:mod:`routerretriever.fusion`); ``None`` where the backend does not know them."""
+        ...
 
     def __len__(self) -> int: ...
 
@@ -52,6 +60,7 @@ class FaissIndex:
         self._index = faiss.IndexFlatIP(dim)
         self._ids: list[str] = []
         self._id_set: set[str] = set()
+        self._moments = ScoreMoments(dim)
 
     @classmethod
     def from_embeddings(cls, ids: Sequence[str], embeddings: np.ndarray) -> FaissIndex:
@@ -74,6 +83,12 @@ class FaissIndex:
         self._index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
         self._ids.extend(ids)
         self._id_set.update(ids)
+        self._moments.add(embeddings)
+
+    def score_stats(self, queries: np.ndarray) -> np.ndarray:
+        """``(n, 2)``: the mean and standard deviation of each query row's inner product with
+        every indexed document (exact, from the documents' moments; NaN when empty)."""
+        return self._moments.stats(queries)
 
     def search(
         self, queries: np.ndarray, k: int, exclude_ids: Sequence[str | None] | None = None
@@ -183,7 +198,10 @@ class MilvusIndex:
         self._client = MilvusClient(uri, token=token)
         if overwrite and self._client.has_collection(collection):
             self._client.drop_collection(collection)
+        # the score moments of documents added through this object: known for a new collection
+        self._moments: ScoreMoments | None = None
         if not self._client.has_collection(collection):
+            self._moments = ScoreMoments(dim)
             schema = self._client.create_schema(auto_id=False, enable_dynamic_field=False)
             schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=1024)
             schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
@@ -268,6 +286,13 @@ class MilvusIndex:
                     r["text"] = _fit_bytes(t, MAX_TEXT_BYTES)
             self._client.insert(self.collection, records)
         self._client.flush(self.collection)
+        if self._moments is not None:
+            self._moments.add(embeddings)
+
+    def score_stats(self, queries: np.ndarray) -> np.ndarray | None:
+        """As :meth:`FaissIndex.score_stats` for a collection this object created; ``None`` for
+        one it opened with documents already in it (z-score fusion then uses each list's own)."""
+        return None if self._moments is None else self._moments.stats(queries)
 
     def lexical(self) -> MilvusText:
         """This collection's BM25 full-text search as a lexical index (see ``LexicalIndex``)."""
@@ -339,3 +364,9 @@ class MilvusText:
         self, queries: Sequence[str], k: int, exclude_ids: Sequence[str | None] | None = None
     ) -> list[Hits]:
         return self.index.search_text(queries, k, exclude_ids)
+
+    def search_with_stats(
+        self, queries: Sequence[str], k: int, exclude_ids: Sequence[str | None] | None = None
+    ) -> tuple[list[Hits], None]:
+        """:meth:`search`; Milvus returns no corpus-wide score moments (``None``)."""
+        return self.search(queries, k, exclude_ids), None

@@ -97,6 +97,13 @@ class LexicalIndex(Protocol):
         self, queries: Sequence[str], k: int, exclude_ids: Sequence[str | None] | None = None
     ) -> list[Hits]: ...
 
+    def search_with_stats(
+        self, queries: Sequence[str], k: int, exclude_ids: Sequence[str | None] | None = None
+    ) -> tuple[list[Hits], np.ndarray | None]:
+        """``search``, and each query's score mean and deviation over the whole corpus
+        ``(n, 2)`` for z-score fusion (``None`` where the backend does not know them)."""
+        ...
+
 
 class BM25Index:
     """BM25 over a fixed corpus: ``search`` gives the top-k ``(doc_id, score)`` per query.
@@ -201,13 +208,22 @@ class BM25Index:
     ) -> list[Hits]:
         """Top-``k`` ``(doc_id, score)`` per query with a positive score, best first (ties by
         corpus order); ``exclude_ids[i]`` is never a hit of query ``i`` (BEIR's convention)."""
+        return self.search_with_stats(queries, k, exclude_ids)[0]
+
+    def search_with_stats(
+        self, queries: Sequence[str], k: int, exclude_ids: Sequence[str | None] | None = None
+    ) -> tuple[list[Hits], np.ndarray]:
+        """:meth:`search`, and the mean and standard deviation of each query's scores over
+        every document ``(n, 2)`` (of the scores it computes anyway: no extra cost)."""
         if k < 1:
             raise ValueError(f"k must be positive, got {k}")
         if exclude_ids is not None and len(exclude_ids) != len(queries):
             raise ValueError("exclude_ids must have one entry per query")
         out: list[Hits] = []
+        stats = np.zeros((len(queries), 2))
         for i, query in enumerate(queries):
             s = self.scores(query)  # (N,)
+            stats[i] = s.mean(dtype=np.float64), s.std(dtype=np.float64)
             skip = exclude_ids[i] if exclude_ids is not None else None
             if skip is not None and skip in self._id_pos:
                 s[self._id_pos[skip]] = 0.0
@@ -215,4 +231,4 @@ class BM25Index:
             top = np.argpartition(-s, kk - 1)[:kk]
             top = top[np.lexsort((top, -s[top]))]  # by score, then corpus order
             out.append([(self.ids[j], float(s[j])) for j in top if s[j] > 0])
-        return out
+        return out, stats

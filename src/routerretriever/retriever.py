@@ -21,7 +21,7 @@ from routerretriever.encoder import BASE, Encoder, has_fast_bfloat16
 from routerretriever.errors import ModelError
 from routerretriever.evaluation import DEFAULT_METRICS, EvalResult, evaluate, parse_metric
 from routerretriever.files import atomic_dir, default_cache_dir
-from routerretriever.fusion import NORMALISATIONS, Normalisation, fuse_scores
+from routerretriever.fusion import NORMALISATIONS, Normalisation, hybrid_search
 from routerretriever.index import FaissIndex, VectorIndex
 from routerretriever.lexical import BM25Config, BM25Index
 from routerretriever.onnx_encoder import BACKENDS, Backend, onnx_model
@@ -305,16 +305,22 @@ class RouterRetriever(DenseRetriever):
         qids = list(queries)
         texts = [queries[q] for q in qids]
         emb, decisions = self.route_and_encode(texts, None)
-        fused = self.alpha < 1.0
-        hits = self.index.search(emb, max(k, FUSION_DEPTH) if fused else k, exclude_ids=qids)
-        if fused:
-            if self.lexical is None:
-                raise RuntimeError("no BM25 index: call index_corpus(corpus) first")
-            lexical = self.lexical.search(texts, max(k, FUSION_DEPTH), exclude_ids=qids)
-            hits = [
-                fuse_scores(d, x, self.alpha, k, self.normalise)
-                for d, x in zip(hits, lexical, strict=True)
-            ]
+        if self.alpha >= 1.0:
+            hits = self.index.search(emb, k, exclude_ids=qids)
+        elif self.lexical is None:
+            raise RuntimeError("no BM25 index: call index_corpus(corpus) first")
+        else:
+            hits = hybrid_search(
+                self.index,
+                self.lexical,
+                emb,
+                texts,
+                k,
+                self.alpha,
+                self.normalise,
+                FUSION_DEPTH,
+                qids,
+            )
         run = {qid: dict(h) for qid, h in zip(qids, hits, strict=True)}
         return run, dict(zip(qids, decisions, strict=True))
 

@@ -96,10 +96,11 @@ def add_serve_parser(sub: Any) -> None:
     )
     sv.add_argument(
         "--normalise",
-        choices=["minmax", "max"],
+        choices=["minmax", "max", "zscore"],  # routerretriever.fusion.NORMALISATIONS
         default="minmax",
         help="how each side's scores are normalised before fusion: 'minmax' (a list's lowest and "
-        "highest hit to 0 and 1, the default) or 'max' (divided by the highest)",
+        "highest hit to 0 and 1, the default), 'max' (divided by the highest) or 'zscore' "
+        "(against the query's scores over the whole corpus; a Milvus BM25 list uses its own)",
     )
     sv.add_argument("--routing-precision", choices=["auto", "float32", "bfloat16"], default="auto")
     sv.add_argument("--model", default=None, help="base model folder or hub id")

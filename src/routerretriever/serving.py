@@ -31,7 +31,7 @@ from routerretriever.encoder import BASE, Encoder
 from routerretriever.errors import ModelError
 from routerretriever.experts import ExpertInfo, check_folder, check_name
 from routerretriever.files import atomic_write, default_cache_dir
-from routerretriever.fusion import NORMALISATIONS, Normalisation, fuse_scores
+from routerretriever.fusion import NORMALISATIONS, Normalisation, hybrid_search
 from routerretriever.index import VectorIndex
 from routerretriever.indexes import corpus_index, lexical_index
 from routerretriever.instances import Domain, InstanceScorer
@@ -264,13 +264,9 @@ class Engine:
         if self.lexical is None or self.alpha >= 1.0:
             hits = self.index.search(emb, k)
         else:  # each side's top FUSION_DEPTH, fused by normalised score
-            depth = max(k, FUSION_DEPTH)
-            dense = self.index.search(emb, depth)
-            lexical = self.lexical.search(texts, depth)
-            hits = [
-                fuse_scores(d, x, self.alpha, k, self.normalise)
-                for d, x in zip(dense, lexical, strict=True)
-            ]
+            hits = hybrid_search(
+                self.index, self.lexical, emb, texts, k, self.alpha, self.normalise, FUSION_DEPTH
+            )
         return [
             SearchResult(h, d.expert, d.scores, d.members, d.lexical_weight)
             for h, d in zip(hits, decisions, strict=True)
