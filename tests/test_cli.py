@@ -276,13 +276,20 @@ def test_router_build_bundles_a_routed_model_that_evaluate_reads(trained, tmp_pa
     _, store, _ = trained
     model = ["--model", str(tiny_model_path()), "--cache-dir", str(tmp_path / "c")]
     args = ["router", "build", "--expert", str(store / "alpha"), "--expert", str(store / "beta")]
-    args += ["--domain", f"tiny={TINY}:corpus", "--out", str(tmp_path / "rr"), "--normalise", "max"]
+    args += [
+        "--domain",
+        f"tiny={TINY}:corpus",
+        "--out",
+        str(tmp_path / "rr"),
+        "--normalise",
+        "zscore",
+    ]
     args += ["--alpha", "0.7"]
     assert main([*args, *model]) == 0
     assert f"routed model -> {tmp_path / 'rr'}" in capsys.readouterr().out
     back = RouterRetriever.load(tmp_path / "rr")
     assert back.alpha == 0.7 and back.encoder.experts == ["alpha", "beta"]
-    assert back.normalise == "max"
+    assert back.normalise == "zscore"
     out = tmp_path / "s.json"
     ev = ["evaluate", str(TINY), "--router", str(tmp_path / "rr"), "--json", str(out)]
     assert main([*ev, "--cache-dir", str(tmp_path / "c")]) == 0
