@@ -60,6 +60,14 @@ def test_unknown_settings_are_named(tmp_path):
             ExperimentConfig.load(write(tmp_path, f"normalisations = {bad}{dom}"))
     cfg = ExperimentConfig.load(write(tmp_path, f'normalisations = ["max", "minmax", "max"]{dom}'))
     assert cfg.normalisations == ["max", "minmax"]
+    assert cfg.domains[0].hold_out == 0  # no third split unless asked
+    labelled = '[[domains]]\nname="a"\npath="a"\ntrain="train"\nhold_out = 100'
+    assert ExperimentConfig.load(write(tmp_path, labelled)).domains[0].hold_out == 100
+    for bad, why in (("-1", "an integer >= 0"), ('"10"', "an integer >= 0")):
+        with pytest.raises(ValueError, match=f"domain 'a': hold_out must be {why}"):
+            ExperimentConfig.load(write(tmp_path, labelled.replace("100", bad)))
+    with pytest.raises(ValueError, match="domain 'a': hold_out needs labelled training queries"):
+        ExperimentConfig.load(write(tmp_path, f"{dom}\nhold_out = 5"))
 
 
 @pytest.mark.slow

@@ -6,6 +6,8 @@ import threading
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from routerretriever import Encoder, ModelError
 from routerretriever.experts import check_folder, list_experts, load_expert
@@ -206,3 +208,38 @@ def test_a_dev_split_beyond_max_dev_is_kept_aside_unseen(encoder, tmp_path):
     assert set(whole.dev_qrels) == dev_ids and not whole.unseen_qrels
     # Held-out training queries (no dev split) leave nothing unseen.
     assert not load_training_set(encoder, TINY, from_corpus=True, cache_dir=cache).unseen_qrels
+
+
+@settings(max_examples=6, deadline=None)
+@given(hold_out=st.integers(0, 4), max_dev=st.integers(1, 4))
+def test_held_out_training_queries_are_neither_trained_nor_stopped_on(
+    encoder, tmp_path_factory, hold_out, max_dev
+):
+    """``hold_out`` labelled training queries join the unseen set: a third split for choices
+    made after training; the rest trains, seeded, and nothing is in two splits."""
+    import shutil
+
+    from routerretriever.training import load_training_set
+    from tests.conftest import TINY
+
+    folder = tmp_path_factory.mktemp("beir")
+    shutil.rmtree(folder)
+    shutil.copytree(TINY, folder)
+    rows = (TINY / "qrels" / "test.tsv").read_text().splitlines()
+    (folder / "qrels" / "train.tsv").write_text("\n".join(rows) + "\n")  # no dev split
+    judged = {r.split("\t")[0] for r in rows[1:]}
+    cache = tmp_path_factory.mktemp("c")
+    plain = load_training_set(encoder, folder, max_dev=max_dev, cache_dir=cache)
+    ts = load_training_set(encoder, folder, max_dev=max_dev, cache_dir=cache, hold_out=hold_out)
+    assert ts.dev_qrels == plain.dev_qrels  # the dev (stopping) set does not move
+    assert len(ts.unseen_qrels) == hold_out and set(ts.unseen_queries) == set(ts.unseen_qrels)
+    assert set(ts.qrels) == set(plain.qrels) - set(ts.unseen_qrels)
+    splits = (set(ts.qrels), set(ts.dev_qrels), set(ts.unseen_qrels))
+    assert sum(map(len, splits)) == len(set().union(*splits)) == len(judged)
+    assert set(ts.positives) <= set(ts.qrels)  # training sees only its own queries
+    again = load_training_set(encoder, folder, max_dev=max_dev, cache_dir=cache, hold_out=hold_out)
+    assert again.unseen_qrels == ts.unseen_qrels and again.qrels == ts.qrels  # seeded
+    with pytest.raises(ValueError, match="leaves no training query"):
+        load_training_set(encoder, folder, max_dev=max_dev, cache_dir=cache, hold_out=len(judged))
+    with pytest.raises(ValueError, match="needs labelled queries"):
+        load_training_set(encoder, TINY, from_corpus=True, cache_dir=cache, hold_out=1)

@@ -47,6 +47,8 @@ class DomainSpec:
     path: Path
     train: str = "corpus"  # a labelled split name, "corpus" (pseudo-queries) or "none" (zero-shot)
     overrides: dict[str, Any] = field(default_factory=dict)  # [train] settings for this expert
+    #: labelled training queries kept from training and early stopping, for the pool's choices
+    hold_out: int = 0
 
 
 @dataclass
@@ -94,7 +96,11 @@ class ExperimentConfig:
             raise ValueError(f"{path}: unknown [train] keys {bad}; known: {sorted(known)}")
         domains = [
             DomainSpec(
-                d["name"], root / d["path"], d.get("train", "corpus"), d.get("overrides", {})
+                d["name"],
+                root / d["path"],
+                d.get("train", "corpus"),
+                d.get("overrides", {}),
+                d.get("hold_out", 0),
             )
             for d in raw.get("domains", [])
         ]
@@ -102,6 +108,12 @@ class ExperimentConfig:
             bad = sorted(set(d.overrides) - known)
             if bad:
                 raise ValueError(f"{path}: domain {d.name!r}: unknown overrides {bad}")
+            if not isinstance(d.hold_out, int) or d.hold_out < 0:
+                raise ValueError(f"{path}: domain {d.name!r}: hold_out must be an integer >= 0")
+            if d.hold_out and d.train in ("corpus", "none"):
+                raise ValueError(
+                    f"{path}: domain {d.name!r}: hold_out needs labelled training queries"
+                )
         if not domains:
             raise ValueError(f"{path}: no [[domains]]")
         backend = raw.get("backend", "auto")
@@ -199,6 +211,7 @@ def train_one(
             pseudo=cfg.pseudo,
             cache_dir=cfg.cache_dir,
             seed=t.seed,
+            hold_out=spec.hold_out,  # never trained on, by the multi-task LoRA either
         )
         for spec in specs
     ]
@@ -359,6 +372,7 @@ class Experiment:
                     pseudo=self.cfg.pseudo,
                     cache_dir=self.cfg.cache_dir,
                     seed=self.cfg.train.seed,
+                    hold_out=spec.hold_out,
                 )
             ts = self._training_sets[spec.name]
             queries, qrels = (
@@ -368,7 +382,7 @@ class Experiment:
                 if len(ts.unseen_qrels) >= MIN_CHOICE:
                     queries, qrels = ts.unseen_queries, ts.unseen_qrels
                     self.choice_source[spec.name] = (
-                        f"{len(qrels)} labelled dev-split queries its expert never saw"
+                        f"{len(qrels)} labelled queries its expert never saw"
                     )
                 else:
                     self.choice_source[spec.name] = "the dev set its expert early-stopped on"

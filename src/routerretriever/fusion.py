@@ -23,13 +23,9 @@ without a model.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from routerretriever.index import VectorIndex
-    from routerretriever.lexical import LexicalIndex
 
 Hits = list[tuple[str, float]]
 Normalisation = Literal["minmax", "max", "zscore"]
@@ -170,27 +166,6 @@ def fuse_lists(
         )
         for i in range(n)
     ]
-
-
-def hybrid_search(
-    index: VectorIndex,
-    lexical: LexicalIndex,
-    emb: np.ndarray,
-    texts: Sequence[str],
-    k: int,
-    alpha: float,
-    how: Normalisation = "minmax",
-    depth: int = 100,
-    exclude_ids: Sequence[str | None] | None = None,
-) -> list[Hits]:
-    """Each side's top ``max(k, depth)`` for the query vectors ``emb`` and the query ``texts``,
-    fused by :func:`fuse_lists` (with the corpus-wide moments when ``how`` is ``"zscore"``)."""
-    kk = max(k, depth)
-    dense = index.search(emb, kk, exclude_ids=exclude_ids)
-    if how == "zscore":
-        lex, lex_stats = lexical.search_with_stats(texts, kk, exclude_ids)
-        return fuse_lists(dense, lex, alpha, k, how, index.score_stats(emb), lex_stats)
-    return fuse_lists(dense, lexical.search(texts, kk, exclude_ids), alpha, k, how)
 
 
 def reciprocal_rank(runs: Sequence[Hits], k: int, c: int = 60) -> Hits:

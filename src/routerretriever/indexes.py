@@ -1,11 +1,12 @@
 """The indexes a server searches, built for a corpus: the dense index of base-model document
 embeddings (FAISS in process, or a Milvus collection reused across restarts) and the lexical
-index beside it (Milvus's own BM25 full-text search, or a cached ``bm25s`` index)."""
+index beside it (Milvus's own BM25 full-text search, or a cached ``bm25s`` index); and the
+search of both, fused (:func:`hybrid_search`)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import numpy as np
 
 from routerretriever.data import Corpus
 from routerretriever.encoder import Encoder
+from routerretriever.fusion import Hits, Normalisation, fuse_lists
 from routerretriever.index import FaissIndex, MilvusIndex, VectorIndex, milvus_analyzer
 from routerretriever.lexical import BM25Config, BM25Index, LexicalIndex
 from routerretriever.store import corpus_fingerprint, embed_corpus
@@ -82,3 +84,24 @@ def lexical_index(
     if isinstance(index, MilvusIndex) and index.text:
         return index.lexical()
     return BM25Index.cached(corpus, bm25 or BM25Config(), cache_dir)
+
+
+def hybrid_search(
+    index: VectorIndex,
+    lexical: LexicalIndex,
+    emb: np.ndarray,
+    texts: Sequence[str],
+    k: int,
+    alpha: float,
+    how: Normalisation = "minmax",
+    depth: int = 100,
+    exclude_ids: Sequence[str | None] | None = None,
+) -> list[Hits]:
+    """Each side's top ``max(k, depth)`` for the query vectors ``emb`` and the query ``texts``,
+    fused by :func:`fuse_lists` (with the corpus-wide moments when ``how`` is ``"zscore"``)."""
+    kk = max(k, depth)
+    dense = index.search(emb, kk, exclude_ids=exclude_ids)
+    if how == "zscore":
+        lex, lex_stats = lexical.search_with_stats(texts, kk, exclude_ids)
+        return fuse_lists(dense, lex, alpha, k, how, index.score_stats(emb), lex_stats)
+    return fuse_lists(dense, lexical.search(texts, kk, exclude_ids), alpha, k, how)

@@ -21,8 +21,9 @@ from routerretriever.encoder import BASE, Encoder, has_fast_bfloat16
 from routerretriever.errors import ModelError
 from routerretriever.evaluation import DEFAULT_METRICS, EvalResult, evaluate, parse_metric
 from routerretriever.files import atomic_dir, default_cache_dir
-from routerretriever.fusion import NORMALISATIONS, Normalisation, hybrid_search
+from routerretriever.fusion import NORMALISATIONS, Normalisation
 from routerretriever.index import FaissIndex, VectorIndex
+from routerretriever.indexes import hybrid_search
 from routerretriever.lexical import BM25Config, BM25Index
 from routerretriever.onnx_encoder import BACKENDS, Backend, onnx_model
 from routerretriever.pilots import PilotLibrary

@@ -31,9 +31,9 @@ from routerretriever.encoder import BASE, Encoder
 from routerretriever.errors import ModelError
 from routerretriever.experts import ExpertInfo, check_folder, check_name
 from routerretriever.files import atomic_write, default_cache_dir
-from routerretriever.fusion import NORMALISATIONS, Normalisation, hybrid_search
+from routerretriever.fusion import NORMALISATIONS, Normalisation
 from routerretriever.index import VectorIndex
-from routerretriever.indexes import corpus_index, lexical_index
+from routerretriever.indexes import corpus_index, hybrid_search, lexical_index
 from routerretriever.instances import Domain, InstanceScorer
 from routerretriever.lexical import BM25Config, LexicalIndex
 from routerretriever.onnx_encoder import onnx_model

@@ -52,8 +52,9 @@ class TrainingSet:
     source: str = ""
     fingerprint: str = ""
     doc_backend: str = "torch"  # the runtime that made doc_emb (store.CorpusEmbeddings.backend)
-    #: Labelled dev-split queries beyond ``max_dev``: neither trained nor early-stopped on, so
-    #: the only held-out queries whose scores do not flatter this domain's expert.
+    #: Labelled queries neither trained nor early-stopped on (a dev split's queries beyond
+    #: ``max_dev``, and ``hold_out`` training queries): the only held-out queries whose scores
+    #: do not flatter this domain's expert.
     unseen_queries: Queries = field(default_factory=dict)
     unseen_qrels: Qrels = field(default_factory=dict)
     positives: dict[str, list[str]] = field(init=False)
@@ -99,17 +100,25 @@ def load_training_set(
     pseudo: PseudoQueryConfig | None = None,
     cache_dir: str | Path | None = None,
     seed: int = 0,
+    hold_out: int = 0,
 ) -> TrainingSet:
     """A training set from a BEIR folder: its labelled ``split``, or pseudo-queries of its corpus.
 
     The dev set is ``dev_split`` when given (or the folder's ``dev`` split, for labelled data),
     else a held-out ``dev_fraction`` of the training queries. It is never the test split. A dev
     split larger than ``max_dev`` keeps the rest aside, unseen by training
-    (:attr:`TrainingSet.unseen_queries`).
+    (:attr:`TrainingSet.unseen_queries`), and so do ``hold_out`` labelled training queries
+    (drawn after the dev set): a third set, neither trained nor early-stopped on, for choices
+    made after training (see :meth:`routerretriever.experiment.Experiment.instances`).
     """
     folder = Path(folder)
     if dev_split == "test" or (split == "test" and not from_corpus):
         raise ValueError("the test split is for evaluation only; train and early-stop on others")
+    if hold_out < 0 or (hold_out and from_corpus):
+        raise ValueError(
+            f"hold_out must be >= 0 and needs labelled queries, got {hold_out} "
+            f"({'pseudo-queries' if from_corpus else 'labelled'})"
+        )
     if from_corpus:
         corpus = load_corpus(folder)
         queries, qrels = make_pseudo_queries(corpus, pseudo, seed=seed)
@@ -139,6 +148,19 @@ def load_training_set(
         unseen_queries = {q: dev_queries[q] for q in rest}
         dev_qrels = {q: dev_qrels[q] for q in sorted(keep[:max_dev])}
         dev_queries = {q: dev_queries[q] for q in dev_qrels}
+    if hold_out:
+        qids = sorted(q for q in qrels if q in queries)
+        if hold_out > len(qids) - 1:
+            raise ValueError(
+                f"{folder}: hold_out {hold_out} leaves no training query (there are {len(qids)})"
+            )
+        random.Random(seed + 1).shuffle(qids)
+        held = sorted(qids[:hold_out])
+        unseen_queries.update({q: queries[q] for q in held})
+        unseen_qrels.update({q: qrels[q] for q in held})
+        queries = {q: v for q, v in queries.items() if q not in unseen_qrels}
+        qrels = {q: v for q, v in qrels.items() if q not in unseen_qrels}
+        source += f", {hold_out} training queries held out for choices"
     emb = embed_corpus(encoder, corpus, cache_dir=cache_dir)
     payload = json.dumps([sorted(queries.items()), sorted(qrels.items())], sort_keys=True)
     fp = corpus_fingerprint(corpus) + ":" + hashlib.sha256(payload.encode()).hexdigest()[:16]
