@@ -207,6 +207,10 @@ def test_zscore_by_hand_and_its_fallbacks():
     assert fuse_scores(dense, lexical, 0.9, 2, "minmax")[0][0] == "a"
     with pytest.raises(ValueError, match="2 dense lists but 1 lexical"):
         fuse_lists([dense, dense], [lexical], 0.5, 2)
+    with pytest.raises(ValueError, match="2 queries but 3 dense weights"):
+        fuse_lists([dense, dense], [lexical, lexical], [0.5, 0.5, 0.5], 2)
+    one = fuse_lists([dense, dense], [lexical, lexical], np.float32(0.5), 2)
+    assert one == fuse_lists([dense, dense], [lexical, lexical], [0.5, 0.5], 2)
 
 
 @settings(max_examples=50, deadline=None)

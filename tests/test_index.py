@@ -42,6 +42,21 @@ def test_matches_brute_force(make_index, n_docs, k):
         np.testing.assert_allclose(
             [h[1] for h in row_hits], (queries[row] @ docs[expected[row]].T), rtol=1e-5
         )
+    every = queries.astype(np.float64) @ docs.astype(np.float64).T  # (7, n_docs): all scored
+    stats = index.score_stats(queries)  # known without scoring a document, chunks and all
+    np.testing.assert_allclose(stats[:, 0], every.mean(axis=1), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(stats[:, 1], every.std(axis=1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_reopened_milvus_collection_does_not_guess_its_score_moments(tmp_path):
+    pytest.importorskip("milvus_lite")
+    uri = str(tmp_path / "m.db")
+    made = MilvusIndex(uri, 4)
+    made.add(["a", "b"], np.eye(4, dtype=np.float32)[:2])
+    assert made.score_stats(np.eye(4, dtype=np.float32)).shape == (4, 2)
+    again = MilvusIndex(uri, 4)  # documents it never saw: z-score fusion uses each list's own
+    assert again.score_stats(np.eye(4, dtype=np.float32)) is None
 
 
 def test_query_own_id_is_not_a_hit(make_index):

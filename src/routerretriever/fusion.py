@@ -155,7 +155,12 @@ def fuse_lists(
     n = len(dense)
     if len(lexical) != n:
         raise ValueError(f"{n} dense lists but {len(lexical)} lexical ones")
-    alphas = [float(alpha)] * n if isinstance(alpha, int | float) else [float(a) for a in alpha]
+    a = np.asarray(alpha, dtype=np.float64)
+    if a.ndim == 0:
+        a = np.full(n, float(a))
+    elif a.shape != (n,):
+        raise ValueError(f"{n} queries but {a.size} dense weights")
+    alphas = a.tolist()
 
     def row(st: np.ndarray | None, i: int) -> Stats | None:
         return None if st is None else (float(st[i, 0]), float(st[i, 1]))

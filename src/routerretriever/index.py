@@ -285,9 +285,9 @@ class MilvusIndex:
                 for r, t in zip(records, texts[start : start + self._INSERT_ROWS], strict=True):
                     r["text"] = _fit_bytes(t, MAX_TEXT_BYTES)
             self._client.insert(self.collection, records)
+            if self._moments is not None:  # chunk by chunk: what is in, even before a failure
+                self._moments.add(rows)
         self._client.flush(self.collection)
-        if self._moments is not None:
-            self._moments.add(embeddings)
 
     def score_stats(self, queries: np.ndarray) -> np.ndarray | None:
         """As :meth:`FaissIndex.score_stats` for a collection this object created; ``None`` for
