@@ -243,3 +243,5 @@ def test_held_out_training_queries_are_neither_trained_nor_stopped_on(
         load_training_set(encoder, folder, max_dev=max_dev, cache_dir=cache, hold_out=len(judged))
     with pytest.raises(ValueError, match="needs labelled queries"):
         load_training_set(encoder, TINY, from_corpus=True, cache_dir=cache, hold_out=1)
+    with pytest.raises(ValueError, match="hold_out must be >= 0, got -1"):
+        load_training_set(encoder, folder, cache_dir=cache, hold_out=-1)

@@ -114,11 +114,10 @@ def load_training_set(
     folder = Path(folder)
     if dev_split == "test" or (split == "test" and not from_corpus):
         raise ValueError("the test split is for evaluation only; train and early-stop on others")
-    if hold_out < 0 or (hold_out and from_corpus):
-        raise ValueError(
-            f"hold_out must be >= 0 and needs labelled queries, got {hold_out} "
-            f"({'pseudo-queries' if from_corpus else 'labelled'})"
-        )
+    if hold_out < 0:
+        raise ValueError(f"hold_out must be >= 0, got {hold_out}")
+    if hold_out and from_corpus:
+        raise ValueError("hold_out needs labelled queries, not pseudo-queries")
     if from_corpus:
         corpus = load_corpus(folder)
         queries, qrels = make_pseudo_queries(corpus, pseudo, seed=seed)
@@ -155,11 +154,11 @@ def load_training_set(
                 f"{folder}: hold_out {hold_out} leaves no training query (there are {len(qids)})"
             )
         random.Random(seed + 1).shuffle(qids)
-        held = sorted(qids[:hold_out])
-        unseen_queries.update({q: queries[q] for q in held})
-        unseen_qrels.update({q: qrels[q] for q in held})
-        queries = {q: v for q, v in queries.items() if q not in unseen_qrels}
-        qrels = {q: v for q, v in qrels.items() if q not in unseen_qrels}
+        held = set(qids[:hold_out])
+        unseen_queries.update({q: queries[q] for q in sorted(held)})
+        unseen_qrels.update({q: qrels[q] for q in sorted(held)})
+        queries = {q: v for q, v in queries.items() if q not in held}
+        qrels = {q: v for q, v in qrels.items() if q not in held}
         source += f", {hold_out} training queries held out for choices"
     emb = embed_corpus(encoder, corpus, cache_dir=cache_dir)
     payload = json.dumps([sorted(queries.items()), sorted(qrels.items())], sort_keys=True)
