@@ -98,6 +98,8 @@ def test_serve_refuses_a_bad_setup_before_listening(tiny, tmp_path, capsys):
     assert main(args) == 2
     assert "domain 'x': expected NAME=DIR or NAME=DIR:SPLIT" in capsys.readouterr().err
     args = ["serve", "--store", str(tmp_path / "store"), "--corpus", str(tiny)]
+    assert main([*args, "--decline", "../x"]) == 2
+    assert "--decline: invalid expert name '../x'" in capsys.readouterr().err
     assert main([*args, "--model-workers", "0"]) == 2
     assert "--model-workers must be at least 1, got 0" in capsys.readouterr().err
     assert main([*args, "--model-workers", "2", "--replicas", "2"]) == 2

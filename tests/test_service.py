@@ -949,6 +949,47 @@ def test_fused_search_mixes_base_into_the_routed_expert_and_fuses_bm25(
         Engine(svc_encoder, store, engine.index, normalise="z")  # type: ignore[arg-type]
 
 
+def test_a_declined_expert_routes_its_queries_to_the_base_model(svc_encoder, store_src, tmp_path):
+    """``decline`` (serve --decline) is the experiment's gate in the service: a query routed to a
+    declined expert gets the base model's ranking, the others are untouched."""
+    from routerretriever.encoder import BASE
+
+    store = tmp_path / "store"
+    shutil.copytree(store_src, store)
+    corpus = load_beir(TINY).corpus
+    common = dict(
+        experts=["alpha", "beta"], cache_dir=tmp_path / "cache", routing_precision="float32"
+    )
+    plain = Engine.open(svc_encoder, store, corpus, DOMAINS, **common)
+    before = plain.search(QUERIES, 5)
+    for name in svc_encoder.experts:  # one encoder: the next engine loads them again
+        svc_encoder.remove_adapter(name)
+    gated = Engine.open(
+        svc_encoder, store, corpus, DOMAINS, index=plain.index, decline=["alpha", "gamma"], **common
+    )
+    try:
+        after = gated.search(QUERIES, 5)
+        routed = [r.expert for r in before]
+        assert {"alpha", "beta"} <= set(routed)  # both cases below happen
+        for q, b, a in zip(QUERIES, before, after, strict=True):
+            if b.expert == "alpha":
+                assert a.members == {BASE: 1.0}
+                want = plain.index.search(svc_encoder.encode([q]), 5)[0]
+                assert [d for d, _ in a.hits] == [d for d, _ in want]
+            else:  # the same ranking (scores to float32 noise: the batches differ)
+                assert a.members == b.members and [d for d, _ in a.hits] == [d for d, _ in b.hits]
+                np.testing.assert_allclose(
+                    [x for _, x in a.hits], [x for _, x in b.hits], atol=1e-5
+                )
+        shown = {e["name"]: e["declined"] for e in gated.describe()}
+        assert shown == {"alpha": True, "beta": False}  # gamma waits until it is served
+    finally:
+        for name in svc_encoder.experts:
+            svc_encoder.remove_adapter(name)
+    with pytest.raises(ValueError, match="invalid expert name '../x'"):
+        Engine(svc_encoder, store, plain.index, decline=["../x"])
+
+
 @pytest.mark.slow
 def test_milvus_full_text_search_serves_the_lexical_side(encoder, tmp_path):
     pytest.importorskip("milvus_lite")

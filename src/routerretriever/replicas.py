@@ -46,6 +46,7 @@ class ServeSpec:
     alpha: float = 1.0
     base_mix: float = 0.0
     normalise: Normalisation = "minmax"
+    decline: list[str] = field(default_factory=list)
     limits: tuple[int, int, int] = (64, 2000, 100)  # queries, characters, k
     batch_window_ms: float = 0.0
     max_batch_queries: int = 256
@@ -88,6 +89,7 @@ def build_app(spec: ServeSpec) -> Any:
         alpha=spec.alpha,
         base_mix=spec.base_mix,
         normalise=spec.normalise,
+        decline=spec.decline,
     )
 
     def follow() -> None:

@@ -102,6 +102,14 @@ def add_serve_parser(sub: Any) -> None:
         "highest hit to 0 and 1, the default), 'max' (divided by the highest) or 'zscore' "
         "(against the query's scores over the whole corpus; a Milvus BM25 list uses its own)",
     )
+    sv.add_argument(
+        "--decline",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="an expert whose routed queries get the base model instead (no expert pass): the "
+        "experiment's gate, as a saved router.json's 'decline' lists it; repeat per expert",
+    )
     sv.add_argument("--routing-precision", choices=["auto", "float32", "bfloat16"], default="auto")
     sv.add_argument("--model", default=None, help="base model folder or hub id")
     sv.add_argument("--cache-dir", type=Path, default=None)
@@ -219,6 +227,7 @@ def _serve_replicas(args: argparse.Namespace, api_key: str | None, admin: bool) 
         alpha=args.alpha,
         base_mix=args.base_mix,
         normalise=args.normalise,
+        decline=list(args.decline),
         limits=(args.max_queries, args.max_query_chars, args.max_k),
         batch_window_ms=args.batch_window_ms,
         max_batch_queries=args.max_batch_queries,
@@ -289,6 +298,7 @@ def open_engine(args: argparse.Namespace) -> Engine:
         alpha=args.alpha,
         base_mix=args.base_mix,
         normalise=args.normalise,
+        decline=args.decline,
     )
     return engine
 
@@ -297,11 +307,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from routerretriever.batching import Limits
+    from routerretriever.experts import check_name
     from routerretriever.instances import Domain
     from routerretriever.service import create_app, guarded_http_protocol
 
     for d in args.domain:  # fail before loading anything
         Domain.parse(d)
+    for name in args.decline:
+        try:
+            check_name(name)
+        except ValueError as e:
+            raise RouterRetrieverError(f"--decline: {e}") from None
     if args.model_workers is not None and args.model_workers < 1:
         raise RouterRetrieverError(f"--model-workers must be at least 1, got {args.model_workers}")
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None

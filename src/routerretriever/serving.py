@@ -118,6 +118,7 @@ class Engine:
         base_mix: float = 0.0,
         normalise: Normalisation = "minmax",
         lexical: LexicalIndex | None = None,
+        decline: Sequence[str] = (),
         before_commit: Callable[[], None] | None = None,
     ) -> None:
         if not 0.0 <= alpha <= 1.0:
@@ -130,6 +131,9 @@ class Engine:
             raise ValueError(f"normalise must be one of {list(NORMALISATIONS)}, got {normalise!r}")
         self.alpha, self.base_mix, self.lexical = float(alpha), float(base_mix), lexical
         self.normalise: Normalisation = normalise
+        #: Experts whose routed queries get the base model instead (the experiment's gate, e.g.
+        #: a saved router's ``decline``); a name not served now is kept for when it is.
+        self.decline = tuple(dict.fromkeys(check_name(n) for n in decline))
         #: Called by an add once the new library is built, before it is recorded (tests kill
         #: the server there).
         self.before_commit = before_commit
@@ -244,6 +248,7 @@ class Engine:
                     "dev_ndcg@10": info.dev.get("ndcg@10"),
                     "pilots": len(pilots),
                     "instances": sum(p.size for p in pilots),
+                    "declined": name in self.decline,
                 }
             )
         return out
@@ -449,7 +454,9 @@ class Engine:
             if lib is None
             else RouterRetriever(
                 self.encoder,
-                policy=PilotPolicy(lib, self.rule, self.base_mix),
+                policy=PilotPolicy(
+                    lib, self.rule, self.base_mix, tuple(n for n in self.decline if n in names)
+                ),
                 alpha=self.alpha,
                 normalise=self.normalise,
                 routing_precision=self.routing_precision,
