@@ -6,6 +6,7 @@ import logging
 import pytest
 
 from routerretriever.cli import main
+from routerretriever.errors import RouterRetrieverError
 from tests.conftest import TINY, tiny_model_path
 
 
@@ -114,6 +115,41 @@ def test_serve_refuses_a_bad_setup_before_listening(tiny, tmp_path, capsys):
         assert main(args) == 2
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}" in err and "another --port" in err
+
+
+def test_serve_takes_a_saved_routers_settings_or_its_own_flags_not_both(tmp_path):
+    from routerretriever.cli import build_parser
+    from routerretriever.errors import ModelError
+    from routerretriever.serve_cli import SERVE_DEFAULTS, resolve_settings
+
+    router = tmp_path / "rr"
+    router.mkdir()
+    policy = {"kind": "pilots", "rule": "mean", "base_mix": 0.0, "decline": ["nfcorpus"]}
+    manifest = {"policy": policy, "alpha": 0.6, "normalise": "max", "bm25": {"k1": 1.2}}
+    (router / "router.json").write_text(json.dumps(manifest))
+    base = ["serve", "--store", str(tmp_path), "--corpus", str(tmp_path)]
+
+    def resolved(*extra):
+        args = build_parser().parse_args([*base, *extra])
+        resolve_settings(args)
+        return args
+
+    args = resolved("--router", str(router))
+    assert (args.alpha, args.normalise, args.rule, args.base_mix) == (0.6, "max", "mean", 0.0)
+    assert args.decline == ["nfcorpus"] and args.bm25.k1 == 1.2
+    plain = resolved()  # no router: the defaults, and BM25's
+    assert {k: getattr(plain, k) for k in SERVE_DEFAULTS} == SERVE_DEFAULTS
+    assert resolved("--alpha", "0.9", "--decline", "x").alpha == 0.9
+    with pytest.raises(RouterRetrieverError, match="--router sets --alpha, --decline"):
+        resolved("--router", str(router), "--alpha", "0.9", "--decline", "x")
+    (router / "router.json").write_text(json.dumps({**manifest, "policy": {"kind": "neighbours"}}))
+    with pytest.raises(ModelError, match="only a pilots router's settings can be served"):
+        resolved("--router", str(router))
+    (router / "router.json").write_text(json.dumps({**manifest, "normalise": "rank"}))
+    with pytest.raises(ModelError, match="cannot read the saved router"):
+        resolved("--router", str(router))
+    with pytest.raises(ModelError, match="no router.json"):
+        resolved("--router", str(tmp_path / "nope"))
 
 
 def test_evaluate_a_saved_router_on_any_beir_folder(trained, tiny, tmp_path, capsys):
@@ -292,6 +328,15 @@ def test_router_build_bundles_a_routed_model_that_evaluate_reads(trained, tmp_pa
     back = RouterRetriever.load(tmp_path / "rr")
     assert back.alpha == 0.7 and back.encoder.experts == ["alpha", "beta"]
     assert back.normalise == "zscore"
+    from routerretriever.cli import build_parser
+    from routerretriever.serve_cli import resolve_settings
+
+    served = build_parser().parse_args(
+        ["serve", "--store", str(store), "--corpus", str(TINY), "--router", str(tmp_path / "rr")]
+    )
+    resolve_settings(served)  # what `serve --router` serves: the saved system's settings
+    assert (served.alpha, served.normalise, served.rule) == (0.7, "zscore", "weighted")
+    assert served.base_mix == 0.0 and served.decline == [] and served.bm25 == back.bm25
     out = tmp_path / "s.json"
     ev = ["evaluate", str(TINY), "--router", str(tmp_path / "rr"), "--json", str(out)]
     assert main([*ev, "--cache-dir", str(tmp_path / "c")]) == 0

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from routerretriever.fusion import Normalisation
+    from routerretriever.lexical import BM25Config
     from routerretriever.retriever import RoutingPrecision
     from routerretriever.router import Rule
 
@@ -47,6 +48,7 @@ class ServeSpec:
     base_mix: float = 0.0
     normalise: Normalisation = "minmax"
     decline: list[str] = field(default_factory=list)
+    bm25: BM25Config | None = None  # None: the defaults
     limits: tuple[int, int, int] = (64, 2000, 100)  # queries, characters, k
     batch_window_ms: float = 0.0
     max_batch_queries: int = 256
@@ -75,7 +77,7 @@ def build_app(spec: ServeSpec) -> Any:
         backend=spec.index,
         milvus_uri=spec.milvus_uri,
         cache_dir=spec.cache_dir,
-        bm25=BM25Config() if spec.alpha < 1 else None,
+        bm25=(spec.bm25 or BM25Config()) if spec.alpha < 1 else None,
     )
     engine = Engine.open(
         encoder,
@@ -90,6 +92,7 @@ def build_app(spec: ServeSpec) -> Any:
         base_mix=spec.base_mix,
         normalise=spec.normalise,
         decline=spec.decline,
+        bm25=spec.bm25,
     )
 
     def follow() -> None:

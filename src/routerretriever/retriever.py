@@ -360,6 +360,39 @@ class RouterRetriever(DenseRetriever):
 
         return atomic_dir(Path(path), fill)
 
+    @staticmethod
+    def serving_settings(path: str | Path) -> dict[str, Any]:
+        """What a server needs to serve a saved pilots router as the experiment chose it, read
+        from its ``router.json`` without loading any model: ``alpha``, ``normalise``, ``bm25``
+        (a :class:`BM25Config`), ``rule``, ``base_mix`` and ``decline``. The server builds its
+        own pilots from its domains; a router of another kind (k-NN) cannot be served so."""
+        manifest_file = Path(path) / "router.json"
+        if not manifest_file.is_file():
+            raise ModelError(f"{path}: no router.json; not a saved RouterRetriever")
+        try:
+            manifest = json.loads(manifest_file.read_text())
+            policy = manifest.get("policy") or {"kind": "pilots", "rule": manifest["rule"]}
+            normalise = manifest.get("normalise", "minmax")
+            if normalise not in NORMALISATIONS:
+                raise ValueError(f"normalise must be one of {list(NORMALISATIONS)}")
+            out = {
+                "alpha": float(manifest.get("alpha", 1.0)),
+                "normalise": normalise,
+                "bm25": BM25Config(**manifest.get("bm25", {})),
+                "rule": str(policy.get("rule", "weighted")),
+                "base_mix": float(policy.get("base_mix", 0.0)),
+                "decline": [str(n) for n in policy.get("decline", [])],
+            }
+            kind = policy.get("kind")
+        except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+            raise ModelError(f"{manifest_file}: cannot read the saved router ({e})") from None
+        if kind != "pilots":
+            raise ModelError(
+                f"{manifest_file}: a {kind!r} router routes by its own instances; only a pilots "
+                "router's settings can be served (the server builds its pilots from its domains)"
+            )
+        return out
+
     @classmethod
     def load(
         cls, path: str | Path, base_model: str | None = None, **kwargs: Any

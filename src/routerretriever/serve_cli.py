@@ -78,26 +78,35 @@ def add_serve_parser(sub: Any) -> None:
     )
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--rule", choices=["mean", "weighted", "nearest"], default="weighted")
+    sv.add_argument(
+        "--router",
+        type=Path,
+        default=None,
+        metavar="FOLDER",
+        help="serve as a saved system was chosen: take --alpha, --base-mix, --normalise, --rule, "
+        "--decline and BM25's settings from its router.json (the experiment's results/router); "
+        "those flags are then not given",
+    )
+    sv.add_argument("--rule", choices=["mean", "weighted", "nearest"], default=None)
     sv.add_argument(
         "--alpha",
         type=unit_float("--alpha"),
-        default=0.5,
+        default=None,
         help="the dense side's weight when fused with BM25 (1: dense only; default 0.5, the "
         "experiment's dev choice, docs/results.md); with --index milvus, Milvus's own BM25",
     )
     sv.add_argument(
         "--base-mix",
         type=unit_float("--base-mix"),
-        default=0.3,
+        default=None,
         help="share of the base model's query vector mixed into the routed expert's (0: the "
         "paper's hard routing; default 0.3: a hedge against a routed expert that does not help, "
-        "as the served engine has no gate; costs no extra pass)",
+        "as the served engine fits no gate itself; costs no extra pass)",
     )
     sv.add_argument(
         "--normalise",
         choices=["minmax", "max", "zscore"],  # routerretriever.fusion.NORMALISATIONS
-        default="minmax",
+        default=None,
         help="how each side's scores are normalised before fusion: 'minmax' (a list's lowest and "
         "highest hit to 0 and 1, the default), 'max' (divided by the highest) or 'zscore' "
         "(against the query's scores over the whole corpus; a Milvus BM25 list uses its own)",
@@ -105,7 +114,7 @@ def add_serve_parser(sub: Any) -> None:
     sv.add_argument(
         "--decline",
         action="append",
-        default=[],
+        default=None,
         metavar="NAME",
         help="an expert whose routed queries get the base model instead (no expert pass): the "
         "experiment's gate, as a saved router.json's 'decline' lists it; repeat per expert",
@@ -228,6 +237,7 @@ def _serve_replicas(args: argparse.Namespace, api_key: str | None, admin: bool) 
         base_mix=args.base_mix,
         normalise=args.normalise,
         decline=list(args.decline),
+        bm25=args.bm25,
         limits=(args.max_queries, args.max_query_chars, args.max_k),
         batch_window_ms=args.batch_window_ms,
         max_batch_queries=args.max_batch_queries,
@@ -249,15 +259,50 @@ def _serve_replicas(args: argparse.Namespace, api_key: str | None, admin: bool) 
     return 0
 
 
+#: ``serve``'s routing and fusion settings without ``--router`` (the experiment's dev choices of
+#: dense weight and normalisation; a base-model hedge, as the served engine fits no gate)
+SERVE_DEFAULTS: dict[str, Any] = {
+    "alpha": 0.5,
+    "base_mix": 0.3,
+    "normalise": "minmax",
+    "rule": "weighted",
+    "decline": [],
+}
+
+
+def resolve_settings(args: argparse.Namespace) -> None:
+    """Fill ``args``'s routing and fusion settings (and ``args.bm25``): from ``--router``'s
+    router.json, which may not be combined with them, else :data:`SERVE_DEFAULTS`."""
+    from routerretriever.lexical import BM25Config
+    from routerretriever.retriever import RouterRetriever
+
+    if getattr(args, "bm25", None) is not None:
+        return  # resolved already
+    given = [k for k in SERVE_DEFAULTS if getattr(args, k) is not None]
+    if args.router is not None:
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise RouterRetrieverError(f"--router sets {flags} from its router.json; drop {flags}")
+        saved = RouterRetriever.serving_settings(args.router)
+        args.bm25 = saved.pop("bm25")
+        for k, v in saved.items():
+            setattr(args, k, v)
+        return
+    for k, v in SERVE_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, list(v) if isinstance(v, list) else v)
+    args.bm25 = BM25Config()
+
+
 def open_engine(args: argparse.Namespace) -> Engine:
     """The engine ``serve ARGS`` serves: the corpus indexed (cached), the experts and pilot
     library loaded, BM25 beside the dense index where ``--alpha`` < 1. The load benchmark
     builds its offline peer with it, so both measure one engine."""
+    resolve_settings(args)
     from routerretriever.data import load_corpus
     from routerretriever.encoder import Encoder
     from routerretriever.indexes import corpus_index
     from routerretriever.instances import Domain
-    from routerretriever.lexical import BM25Config
     from routerretriever.serving import Engine
 
     domains = [Domain.parse(d) for d in args.domain]
@@ -283,7 +328,7 @@ def open_engine(args: argparse.Namespace) -> Engine:
         milvus_uri=args.milvus_uri,
         cache_dir=args.cache_dir,
         embedder=embedder,
-        bm25=BM25Config() if args.alpha < 1 else None,
+        bm25=args.bm25 if args.alpha < 1 else None,
     )
     engine = Engine.open(
         encoder,
@@ -299,6 +344,7 @@ def open_engine(args: argparse.Namespace) -> Engine:
         base_mix=args.base_mix,
         normalise=args.normalise,
         decline=args.decline,
+        bm25=args.bm25,
     )
     return engine
 
@@ -313,6 +359,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     for d in args.domain:  # fail before loading anything
         Domain.parse(d)
+    resolve_settings(args)
     for name in args.decline:
         try:
             check_name(name)
