@@ -5,9 +5,10 @@ Same model (all-MiniLM-L6-v2), same documents, same batch size and max length, i
 on a long-document corpus (SciFact) and a short one (MED). Each side runs in its own fresh
 subprocess (so peak RSS is its own), alternating, several rounds; the table gives the median
 docs/s of each, its peak RSS, and the lowest cosine of its embeddings to ours in float32. The
-``ratio`` lines give our default corpus path (what ``embed_corpus`` uses: ONNX Runtime in
-float32 where it is installed, :func:`routerretriever.onnx_encoder.onnx_usable`, else torch
-float32) over sentence-transformers torch. The graph is exported once, before any timing.
+``ratio`` lines give our default corpus path (what ``embed_corpus`` uses,
+:func:`routerretriever.runtime.planned_runtime`: bfloat16 autocast where the CPU does bfloat16
+natively, else ONNX Runtime in float32 where it is installed, else torch float32) over
+sentence-transformers torch. The graph is exported once, before any timing.
 
     python benchmarks/encode_speed.py [--data ../shared/data/beir/scifact --data ...] [--docs 1000]
         [--sides ours-float32,ours-onnx,st-torch,st-onnx] [--st-onnx-python VENV/bin/python]
@@ -38,11 +39,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 SIDES = {
     "ours-float32": "routerretriever Encoder.encode, float32",
-    "ours-bfloat16": "routerretriever Encoder.encode, bfloat16",
+    "ours-bfloat16": "routerretriever Encoder.encode, bfloat16 autocast",
     "ours-onnx": "routerretriever Encoder.encode on ONNX Runtime, float32",
     "st-torch": "sentence-transformers encode (torch)",
     "st-onnx": "sentence-transformers encode (backend='onnx')",
 }
+
+RUNTIMES = {"ours-float32": "torch", "ours-bfloat16": "bfloat16", "ours-onnx": "onnx"}
 
 
 def worker(
@@ -52,16 +55,13 @@ def worker(
     import nothing of ours, so they may run under another Python (``--st-onnx-python``)."""
     texts = json.loads(texts_file.read_text())
     if side.startswith("ours"):
-        import torch
-
         from routerretriever.encoder import Encoder
-        from routerretriever.onnx_encoder import onnx_model
+        from routerretriever.runtime import corpus_runtime
 
         enc = Encoder.load(model_path, max_length=max_length)
-        dtype = torch.bfloat16 if side == "ours-bfloat16" else None
-        model = onnx_model(enc, out.parent, "onnx") if side == "ours-onnx" else None
-        run = lambda t: enc.encode(  # noqa: E731
-            t, batch_size=batch_size, show_progress=False, dtype=dtype, model=model
+        runtime = corpus_runtime(enc, out.parent, RUNTIMES[side])  # as embed_corpus does
+        run = lambda t: runtime.encode(  # noqa: E731
+            enc, t, batch_size=batch_size, show_progress=False
         )
     else:
         from sentence_transformers import SentenceTransformer
@@ -86,7 +86,7 @@ def worker(
 def measure(args: argparse.Namespace, data: Path, tmp: Path) -> None:
     from routerretriever import load_corpus
     from routerretriever.encoder import Encoder, default_model_path
-    from routerretriever.onnx_encoder import onnx_usable
+    from routerretriever.runtime import planned_runtime
 
     texts = tmp / "texts.json"
     texts.write_text(
@@ -131,7 +131,8 @@ def measure(args: argparse.Namespace, data: Path, tmp: Path) -> None:
         peak = max(x["peak_rss_mb"] for x in results[side])
         cos = float((ref * np.load(tmp / f"{side}.npy")).sum(1).min())
         print(f"| {label} | {speed[side]:.1f} | {peak:.0f} | {cos:.5f} |")
-    fast = "ours-onnx" if onnx_usable(Encoder.load()) else "ours-float32"
+    plan = planned_runtime(Encoder.load())
+    fast = next(side for side, runtime in RUNTIMES.items() if runtime == plan)
     if fast not in speed or "st-torch" not in speed:
         return
     print(

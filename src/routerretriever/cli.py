@@ -298,10 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     ev.add_argument(
         "--backend",
-        choices=["auto", "torch", "onnx"],
+        choices=["auto", "torch", "onnx", "bfloat16"],
         default="auto",
-        help="the corpus side's runtime: auto (ONNX Runtime on a CPU where installed), "
-        "torch (the exact float32 reference) or onnx (default: auto)",
+        help="the corpus side's runtime: auto (bfloat16 where the hardware does it natively, "
+        "else ONNX Runtime on a CPU where installed), torch (the exact float32 reference), "
+        "onnx or bfloat16 (default: auto)",
     )
     ev.add_argument(
         "--json",

@@ -348,6 +348,7 @@ class Encoder:
         experts: str | Sequence[str | None] | None = None,
         layers: int | None = None,
         dtype: torch.dtype | None = None,
+        autocast: torch.dtype | None = None,
         desc: str = "encoding",
     ) -> np.ndarray:
         """Embed texts: ``float32`` array ``(len(texts), dim)``, rows in input order.
@@ -358,10 +359,14 @@ class Encoder:
         ``experts`` applies a loaded expert to every text (a name) or per text (a list, ``None``
         meaning the base model); a batch may mix experts (each row gets its own expert's LoRA
         term on top of the shared base weights). ``layers`` and ``dtype`` run
-        :meth:`variant` of the base model instead (a cheaper routing pass).
+        :meth:`variant` of the base model instead (a cheaper routing pass). ``autocast`` runs
+        the passes under :func:`torch.autocast` in that dtype (matmuls in it, layer norms and
+        the residual stream in float32: the corpus side's bfloat16 runtime).
         """
         texts = list(texts)
         model = self._variant_model(layers, dtype, model, experts)
+        if autocast is not None and (model is not None or dtype is not None):
+            raise ValueError("autocast applies to the torch model in float32, not with model/dtype")
         per_text = self._per_text_experts(experts, len(texts), model)
         out = np.empty((len(texts), self.dim), dtype=np.float32)  # (n, d)
         disable = None if show_progress is None else not show_progress  # None: only on a TTY
@@ -375,7 +380,7 @@ class Encoder:
                 chunk = slice(start, start + _TOKENIZE_CHUNK)
                 ids = self.tokenize(texts[chunk])
                 names = None if per_text is None else per_text[chunk]
-                out[chunk] = self._encode_tokens(ids, names, batch_size, model, bar)
+                out[chunk] = self._encode_tokens(ids, names, batch_size, model, bar, autocast)
         return out
 
     def encode_tokens(
@@ -431,6 +436,7 @@ class Encoder:
         batch_size: int,
         model: torch.nn.Module | None,
         bar: Any,
+        autocast: torch.dtype | None = None,
     ) -> np.ndarray:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -442,7 +448,8 @@ class Encoder:
         was_training = net.training
         net.eval()
         try:
-            with torch.inference_mode():
+            cast = torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None)
+            with torch.inference_mode(), cast:
                 for rows in _batches(ids, order, batch_size):
                     batch = self.collate([ids[i] for i in rows])
                     experts = {names[i] for i in rows}

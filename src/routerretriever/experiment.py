@@ -26,10 +26,10 @@ from routerretriever.files import atomic_write
 from routerretriever.fusion import NORMALISATIONS, Normalisation
 from routerretriever.index import FaissIndex
 from routerretriever.lexical import BM25Config, BM25Index
-from routerretriever.onnx_encoder import BACKENDS, Backend
 from routerretriever.pilots import DomainInstances
 from routerretriever.pseudo import PseudoQueryConfig
 from routerretriever.retriever import per_query_ndcg
+from routerretriever.runtime import BACKENDS, Backend
 from routerretriever.store import embed_corpus
 from routerretriever.training import TrainConfig, load_training_set
 
@@ -70,7 +70,7 @@ class ExperimentConfig:
     routing_bf16: bool = False  # also route with a bfloat16 routing pass
     bm25: BM25Config = field(default_factory=BM25Config)  # the pool's lexical member
     multitask: bool = True  # train the multi-task LoRA baseline (Table 1's second row)
-    backend: Backend = "auto"  # the corpus side's runtime (routerretriever.onnx_encoder)
+    backend: Backend = "auto"  # the corpus side's runtime (routerretriever.runtime)
     #: the pool's candidates fuse BM25 with each of these (routerretriever.fusion.normalise)
     normalisations: list[Normalisation] = field(default_factory=lambda: ["minmax"])
 
@@ -262,7 +262,7 @@ class Domain:
     spec: DomainSpec
     doc_ids: list[str]
     index: FaissIndex
-    backend: str  # the runtime that embedded the corpus: "torch" or "onnx"
+    backend: str  # the runtime that embedded the corpus: "torch", "onnx" or "bfloat16"
     test_queries: dict[str, str]
     test_qrels: dict[str, dict[str, int]]
 

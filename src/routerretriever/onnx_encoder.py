@@ -33,8 +33,8 @@ from routerretriever.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
-Backend = Literal["auto", "torch", "onnx"]
-BACKENDS: tuple[str, ...] = ("auto", "torch", "onnx")
+OnnxBackend = Literal["auto", "torch", "onnx"]
+ONNX_BACKENDS: tuple[str, ...] = ("auto", "torch", "onnx")
 
 _EXPORT_VERSION = 1  # bump when the exported graph changes, to invalidate exported files
 _OPSET = 17
@@ -131,7 +131,7 @@ def _agrees(encoder: Encoder, model: OnnxModel) -> float:
     return float((ref * got).sum(axis=1).min())
 
 
-def onnx_usable(encoder: Encoder, backend: Backend = "auto") -> bool:
+def onnx_usable(encoder: Encoder, backend: OnnxBackend = "auto") -> bool:
     """Whether :func:`onnx_model` will try ONNX Runtime (cheap: imports nothing)."""
     if backend == "onnx":
         return True
@@ -147,7 +147,7 @@ _LOADED: weakref.WeakKeyDictionary[Encoder, OnnxModel | None] = weakref.WeakKeyD
 
 
 def onnx_model(
-    encoder: Encoder, cache_dir: str | os.PathLike[str], backend: Backend = "auto"
+    encoder: Encoder, cache_dir: str | os.PathLike[str], backend: OnnxBackend = "auto"
 ) -> OnnxModel | None:
     """The base model on ONNX Runtime for ``encoder.encode(..., model=...)``, or ``None`` for
     the torch path.
@@ -156,8 +156,8 @@ def onnx_model(
     cannot be exported, loaded or does not match torch; ``"auto"`` (the default) uses ONNX
     Runtime on a CPU where it works and logs why not otherwise.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend not in ONNX_BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(ONNX_BACKENDS)}; got {backend!r}")
     if backend == "torch":
         return None
     if encoder in _LOADED and (_LOADED[encoder] is not None or backend == "auto"):

@@ -25,10 +25,10 @@ from routerretriever.fusion import NORMALISATIONS, Normalisation
 from routerretriever.index import FaissIndex, VectorIndex
 from routerretriever.indexes import hybrid_search
 from routerretriever.lexical import BM25Config, BM25Index
-from routerretriever.onnx_encoder import BACKENDS, Backend, onnx_model
 from routerretriever.pilots import PilotLibrary
 from routerretriever.policy import PilotPolicy, Policy, load_policy
 from routerretriever.router import RouteDecision, Rule
+from routerretriever.runtime import BACKENDS, Backend, corpus_runtime
 from routerretriever.store import embed_corpus
 
 logger = logging.getLogger(__name__)
@@ -46,8 +46,10 @@ class DenseRetriever:
         r.index_corpus({"d1": Document("Cats purr."), "d2": Document("Rockets fly.")})
         r.search({"q": "felines"}, k=1)   # {'q': {'d1': <cosine>}}
 
-    ``backend`` is the corpus side's runtime: ``"auto"`` (ONNX Runtime in float32 on a CPU
-    where it is installed, else torch), ``"torch"`` (the exact float32 reference) or ``"onnx"``.
+    ``backend`` is the corpus side's runtime (:mod:`routerretriever.runtime`): ``"auto"``
+    (bfloat16 where the hardware does it natively, else ONNX Runtime in float32 on a CPU where
+    it is installed, else torch), ``"torch"`` (the exact float32 reference), ``"onnx"`` or
+    ``"bfloat16"``.
     Queries are always embedded by torch (experts apply there).
     """
 
@@ -72,7 +74,7 @@ class DenseRetriever:
         self.show_progress = show_progress
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-        #: the corpus side's runtime (:func:`routerretriever.onnx_encoder.onnx_model`)
+        #: the corpus side's runtime (:func:`routerretriever.runtime.corpus_runtime`)
         self.backend = backend
         self.index: VectorIndex | None = None
         self.corpus_from_cache: bool | None = None
@@ -101,11 +103,11 @@ class DenseRetriever:
             for d in corpus
         ]
         cache = self.cache_dir if self.cache_dir is not None else default_cache_dir()
-        return self.encoder.encode(
+        return corpus_runtime(self.encoder, cache, self.backend).encode(
+            self.encoder,
             [d.full_text for d in docs],
             batch_size=batch_size or self.batch_size,
             show_progress=self.show_progress,
-            model=onnx_model(self.encoder, cache, self.backend),  # None: torch
             desc="corpus",
         )
 

@@ -36,11 +36,11 @@ from routerretriever.index import VectorIndex
 from routerretriever.indexes import corpus_index, hybrid_search, lexical_index
 from routerretriever.instances import Domain, InstanceScorer
 from routerretriever.lexical import BM25Config, LexicalIndex
-from routerretriever.onnx_encoder import onnx_model
 from routerretriever.pilots import PilotLibrary, build_pilots
 from routerretriever.policy import PilotPolicy
 from routerretriever.retriever import FUSION_DEPTH, RouterRetriever, RoutingPrecision
 from routerretriever.router import RouteDecision, Rule
+from routerretriever.runtime import corpus_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -298,9 +298,9 @@ class Engine:
         decisions: list[RouteDecision | None] = [None] * len(texts)
         with self._model_lock.shared():
             if input_type == "document":  # the runtime the corpus index was embedded with
-                runtime = onnx_model(self.encoder, self.cache_dir)  # None: torch
-                emb = self.encoder.encode(
-                    texts, batch_size=self.batch_size, show_progress=False, model=runtime
+                runtime = corpus_runtime(self.encoder, self.cache_dir)
+                emb = runtime.encode(
+                    self.encoder, texts, batch_size=self.batch_size, show_progress=False
                 )
             elif model == "base" or (model == "auto" and self._router is None):
                 emb = self.encoder.encode(texts, batch_size=self.batch_size, show_progress=False)

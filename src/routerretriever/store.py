@@ -3,7 +3,8 @@
 Documents are always embedded by the frozen base model, so one set of corpus embeddings serves
 the base model and every expert. The cache key is the encoder's fingerprint (weights and encoding
 settings) plus a fingerprint of the corpus contents (ids, titles, texts, in order), and the
-runtime that made the vectors when it is not the torch float32 reference (``-onnx``): a file
+runtime that made the vectors when it is not the torch float32 reference (``-onnx``,
+``-bfloat16``; :mod:`routerretriever.runtime`): a file
 holds one runtime's vectors, and an explicit ``backend`` reads only its own runtime's file;
 ``"auto"`` also takes the reference file (e.g. one Ray filled) rather than encode again. Files
 are written to a temporary name and renamed, so a killed run never leaves a file that reads as
@@ -25,7 +26,7 @@ import numpy as np
 from routerretriever.data import Corpus
 from routerretriever.encoder import Encoder
 from routerretriever.files import atomic_write, default_cache_dir
-from routerretriever.onnx_encoder import Backend, onnx_model, onnx_usable
+from routerretriever.runtime import TORCH, Backend, corpus_runtime, planned_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +47,23 @@ def corpus_fingerprint(corpus: Corpus) -> str:
 SPOT_CHECKS = 3  # cached rows re-encoded on every load to catch a stale or tampered file
 
 
+SPOT_COSINE = 0.999  # far below any runtime's distance to float32, far above another text's
+
+
 def _spot_check(encoder: Encoder, corpus: Corpus, ids: list[str], emb: np.ndarray) -> bool:
-    """Re-encode a few documents (fixed by the corpus, spread over it) and compare their rows:
-    a file that parses but holds other vectors (shuffled rows, another model's) is caught."""
+    """Re-encode a few documents (fixed by the corpus, spread over it) in float32 and compare
+    their rows: a file that parses but holds other vectors (shuffled rows, another model's) is
+    caught, while any runtime's rounding (bfloat16's included) passes."""
     rows = sorted({int(i) for i in np.linspace(0, len(ids) - 1, num=min(SPOT_CHECKS, len(ids)))})
     fresh = encoder.encode(
         [corpus[ids[i]].full_text for i in rows], batch_size=SPOT_CHECKS, show_progress=False
     )
-    return bool(np.allclose(fresh, emb[rows], atol=1e-3))
+    got = emb[rows].astype(np.float64)
+    norms = np.linalg.norm(fresh, axis=1) * np.linalg.norm(got, axis=1)
+    cosine = (fresh * got).sum(axis=1) / np.maximum(norms, 1e-12)
+    ratio = np.linalg.norm(got, axis=1) / np.maximum(np.linalg.norm(fresh, axis=1), 1e-12)
+    near = np.abs(fresh - got).max(axis=1) <= 1e-3  # also where both are (near) zero
+    return bool((near | ((cosine >= SPOT_COSINE) & (np.abs(ratio - 1) <= 1e-2))).all())
 
 
 @dataclass
@@ -63,7 +73,7 @@ class CorpusEmbeddings:
     ids: list[str]
     embeddings: np.ndarray
     cached: bool
-    backend: str = "torch"  # the runtime that made them: "torch" or "onnx"
+    backend: str = "torch"  # the runtime that made them: "torch", "onnx" or "bfloat16"
 
 
 def embed_corpus(
@@ -82,8 +92,8 @@ def embed_corpus(
     A cache file that cannot be read, or that does not match the corpus, is logged and rebuilt.
     ``embedder`` computes a missing entry another way (e.g. with Ray:
     :func:`routerretriever.distributed.ray_embedder`); it must give the base model's vectors.
-    ``backend`` runs the base model on torch or ONNX Runtime (``"auto"``: ONNX Runtime on a CPU
-    where it works; :func:`routerretriever.onnx_encoder.onnx_model`).
+    ``backend`` is the base model's runtime for documents (:mod:`routerretriever.runtime`;
+    ``"auto"``: bfloat16 where the hardware does it natively, else ONNX Runtime on a CPU).
     """
     ids = list(corpus)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -108,23 +118,29 @@ def embed_corpus(
             logger.warning("cannot read cached embeddings %s (%s); re-encoding", path, e)
         return None
 
+    def path_of(runtime: str) -> Path:
+        return Path(f"{stem}.npz" if runtime == "torch" else f"{stem}-{runtime}.npz")
+
+    tried: set[str] = set()
+
     def cached(runtime: str) -> CorpusEmbeddings | None:
-        if not use_cache:
+        if not use_cache or runtime in tried:
             return None
-        emb = read(Path(f"{stem}-onnx.npz" if runtime == "onnx" else f"{stem}.npz"))
+        tried.add(runtime)
+        emb = read(path_of(runtime))
         if emb is None:
             return None
         return CorpusEmbeddings(ids, emb, cached=True, backend=runtime)
 
     # "auto" takes either file, its own runtime's first: the torch float32 file is the exact
-    # reference (and what Ray's embedder writes). "onnx" and "torch" read their own file only.
-    model = None
-    if embedder is None and onnx_usable(encoder, backend):
-        if (hit := cached("onnx")) or (backend == "auto" and (hit := cached("torch"))):
+    # reference (and what Ray's embedder writes). An explicit backend reads its own file only.
+    runtime = TORCH
+    if embedder is None and (plan := planned_runtime(encoder, backend)) != "torch":
+        if (hit := cached(plan)) or (backend == "auto" and (hit := cached("torch"))):
             return hit
-        model = onnx_model(encoder, root, backend)  # None: "auto" fell back to torch
-    made = "torch" if model is None else "onnx"
-    if made == "torch" and (hit := cached("torch")):
+        runtime = corpus_runtime(encoder, root, backend)  # may fall back where "auto"
+    made = runtime.name
+    if hit := cached(made):
         return hit
     if embedder is not None:
         emb = np.asarray(embedder(corpus), dtype=np.float32)
@@ -135,11 +151,11 @@ def embed_corpus(
     else:
         texts = [doc.full_text for doc in corpus.values()]
         logger.info("embedding %d documents (not in the cache yet; %s)", len(texts), made)
-        emb = encoder.encode(
-            texts, batch_size=batch_size, show_progress=show_progress, model=model, desc="corpus"
+        emb = runtime.encode(
+            encoder, texts, batch_size=batch_size, show_progress=show_progress, desc="corpus"
         )
     if use_cache:
-        path = Path(f"{stem}-onnx.npz" if made == "onnx" else f"{stem}.npz")
+        path = path_of(made)
 
         def write(tmp: Path) -> None:
             with open(tmp, "wb") as f:
