@@ -21,6 +21,22 @@ def test_evaluate_prints_table_and_writes_json(tiny, tmp_path, capsys):
     assert report["queries"] == 10 and len(report["per_query"]) == 10
 
 
+def test_evaluate_on_each_corpus_runtime_writes_its_own_cache_file(tiny, tmp_path, capsys):
+    cache = tmp_path / "c"
+    scores = {}
+    for backend in ("torch", "bfloat16"):
+        out = tmp_path / f"{backend}.json"
+        args = ["evaluate", str(tiny), "--cache-dir", str(cache), "--json", str(out)]
+        assert main([*args, "--model", str(tiny_model_path()), "--backend", backend]) == 0
+        scores[backend] = json.loads(out.read_text())["tiny"]["scores"]["ndcg@10"]
+    files = [p.name for p in (cache / "corpus").iterdir()]
+    assert len(files) == 2 and sum(f.endswith("-bfloat16.npz") for f in files) == 1
+    assert scores["bfloat16"] == pytest.approx(scores["torch"], abs=0.05)
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(tiny), "--backend", "fp8"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
 def test_user_mistakes_are_one_line_errors(tiny, tmp_path, capsys):
     assert main(["evaluate", str(tiny), "--split", "dev"]) == 2
     err = capsys.readouterr().err

@@ -47,12 +47,15 @@ def test_unknown_settings_are_named(tmp_path):
         ExperimentConfig.load(write(tmp_path, "store = 'x'"))
     with pytest.raises(ValueError, match="domain 'a': unknown overrides \\['foo'\\]"):
         ExperimentConfig.load(write(tmp_path, '[[domains]]\nname="a"\npath="a"\noverrides={foo=1}'))
-    with pytest.raises(ValueError, match="backend must be one of auto, torch, onnx; got 'gpu'"):
+    with pytest.raises(
+        ValueError, match="backend must be one of auto, torch, onnx, bfloat16; got 'gpu'"
+    ):
         ExperimentConfig.load(write(tmp_path, 'backend = "gpu"\n[[domains]]\nname="a"\npath="a"'))
-    cfg = ExperimentConfig.load(
-        write(tmp_path, 'backend = "torch"\n[[domains]]\nname="a"\npath="a"')
-    )
-    assert cfg.backend == "torch"
+    for backend in ("torch", "bfloat16"):
+        cfg = ExperimentConfig.load(
+            write(tmp_path, f'backend = "{backend}"\n[[domains]]\nname="a"\npath="a"')
+        )
+        assert cfg.backend == backend
     assert cfg.normalisations == ["minmax"]  # the fusion the pool's candidates try by default
     dom = '\n[[domains]]\nname="a"\npath="a"'
     for bad in ('"max"', "[]", '["max", "rank"]'):

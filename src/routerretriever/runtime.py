@@ -96,9 +96,10 @@ def _bfloat16_cosine(encoder: Encoder) -> float:
 
 
 def _bfloat16(encoder: Encoder, explicit: bool) -> CorpusRuntime | None:
+    first = encoder not in _BF16_COSINE  # say things once per encoder, not once per batch
     cosine = _bfloat16_cosine(encoder)
     if cosine >= MIN_COSINE:
-        if explicit and not has_fast_bfloat16(encoder.device):
+        if explicit and first and not has_fast_bfloat16(encoder.device):
             logger.warning("bfloat16 is emulated on %s here: slower than float32", encoder.device)
         return BFLOAT16
     why = f"bfloat16 gives vectors at cosine {cosine:.5f} to float32's (below {MIN_COSINE})"
