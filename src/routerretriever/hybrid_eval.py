@@ -323,7 +323,8 @@ def evaluate_candidates(
         c.cost = float(np.mean(costs))
         for d, qs in test.items():
             c.test[d] = float(run_policy(policy, c.alpha, qs, c.how)[0].mean())
-        logger.info("%s: dev %.4f test %.4f", c.name, c.dev_mean(), np.mean(list(c.test.values())))
+        test_mean = float(np.mean(list(c.test.values()))) if c.test else float("nan")
+        logger.info("%s: dev %.4f test %.4f", c.name, c.dev_mean(), test_mean)
 
 
 def _fusion_label(c: Candidate) -> str:
@@ -391,8 +392,7 @@ def run_pool(
 ) -> tuple[dict[str, Any], dict[str, tuple[Policy, float, Normalisation]]]:
     """Every candidate's dev and test rows, the chosen default, and its zero-shot and growth rows;
     also each family's chosen policy (over every expert), dense weight and normalisation, to
-    save; the
-    default's family is ``report["default"]["family"]``."""
+    save; the default's family is ``report["default"]["family"]``."""
     cfg = exp.cfg
     experts = exp.experts
     members = [BASE, *experts]
