@@ -4,11 +4,10 @@ Documents are always embedded by the frozen base model, so one set of corpus emb
 the base model and every expert. The cache key is the encoder's fingerprint (weights and encoding
 settings) plus a fingerprint of the corpus contents (ids, titles, texts, in order), and the
 runtime that made the vectors when it is not the torch float32 reference (``-onnx``,
-``-bfloat16``; :mod:`routerretriever.runtime`): a file
-holds one runtime's vectors, and an explicit ``backend`` reads only its own runtime's file;
-``"auto"`` also takes the reference file (e.g. one Ray filled) rather than encode again. Files
-are written to a temporary name and renamed, so a killed run never leaves a file that reads as
-valid.
+``-bfloat16``; :mod:`routerretriever.runtime`): a file holds one runtime's vectors, and an
+explicit ``backend`` reads only its own runtime's file; ``"auto"`` also takes the reference file
+(e.g. one Ray filled) rather than encode again. Files are written to a temporary name and
+renamed, so a killed run never leaves a file that reads as valid.
 """
 
 from __future__ import annotations
@@ -45,9 +44,7 @@ def corpus_fingerprint(corpus: Corpus) -> str:
 
 
 SPOT_CHECKS = 3  # cached rows re-encoded on every load to catch a stale or tampered file
-
-
-SPOT_COSINE = 0.999  # far below any runtime's distance to float32, far above another text's
+SPOT_COSINE = 0.999  # below any runtime's rounding (bfloat16: 0.9999), far above another text's
 
 
 def _spot_check(encoder: Encoder, corpus: Corpus, ids: list[str], emb: np.ndarray) -> bool:
