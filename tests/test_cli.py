@@ -133,6 +133,20 @@ def test_serve_refuses_a_bad_setup_before_listening(tiny, tmp_path, capsys):
     assert f"cannot listen on 127.0.0.1:{port}" in err and "another --port" in err
 
 
+def test_serve_embeds_documents_with_the_backend_asked_for(tiny, tmp_path):
+    from routerretriever.cli import build_parser
+    from routerretriever.serve_cli import open_engine
+
+    (tmp_path / "store").mkdir()
+    args = ["serve", "--store", str(tmp_path / "store"), "--corpus", str(tiny)]
+    args += ["--model", str(tiny_model_path()), "--cache-dir", str(tmp_path / "c")]
+    engine = open_engine(build_parser().parse_args([*args, "--backend", "bfloat16"]))
+    assert engine.runtime == "bfloat16"
+    files = [p.name for p in (tmp_path / "c" / "corpus").iterdir()]
+    assert len(files) == 1 and files[0].endswith("-bfloat16.npz")
+    assert open_engine(build_parser().parse_args(args)).runtime == "auto"
+
+
 def test_serve_takes_a_saved_routers_settings_or_its_own_flags_not_both(tmp_path):
     from routerretriever.cli import build_parser
     from routerretriever.errors import ModelError

@@ -806,6 +806,28 @@ def test_the_official_openai_client_gets_routed_base_and_expert_embeddings(engin
         client.embeddings.create(model="auto", input="x", dimensions=12)
 
 
+def test_documents_are_embedded_by_the_runtime_the_index_was_built_with(
+    svc_encoder, store_src, tmp_path
+):
+    from routerretriever.runtime import BFLOAT16
+
+    store = tmp_path / "store"
+    shutil.copytree(store_src, store)
+    corpus = load_beir(TINY).corpus
+    texts = [d.full_text for d in list(corpus.values())[:3]]
+    got = {}
+    for runtime in ("torch", "bfloat16"):
+        engine = Engine.open(svc_encoder, store, corpus, cache_dir=tmp_path / "c", runtime=runtime)
+        got[runtime] = engine.embed(texts, input_type="document")[0]
+    np.testing.assert_allclose(got["torch"], svc_encoder.encode(texts), atol=1e-6)
+    np.testing.assert_allclose(got["bfloat16"], BFLOAT16.encode(svc_encoder, texts), atol=1e-6)
+    assert not np.allclose(got["torch"], got["bfloat16"], atol=1e-7)
+    files = [p.name for p in (tmp_path / "c" / "corpus").iterdir()]
+    assert len(files) == 2 and sum(f.endswith("-bfloat16.npz") for f in files) == 1
+    with pytest.raises(ValueError, match="runtime must be one of auto, torch, onnx, bfloat16"):
+        Engine(svc_encoder, store, engine.index, runtime="fp8")  # type: ignore[arg-type]
+
+
 @pytest.mark.slow
 def test_a_thousand_half_open_connections_do_not_stall_a_good_client(store_src, tmp_path):
     """1,000 clients that send half a request head and stop: a well-behaved client is still

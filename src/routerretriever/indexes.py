@@ -17,6 +17,7 @@ from routerretriever.encoder import Encoder
 from routerretriever.fusion import Hits, Normalisation, fuse_lists
 from routerretriever.index import FaissIndex, MilvusIndex, VectorIndex, milvus_analyzer
 from routerretriever.lexical import BM25Config, BM25Index, LexicalIndex
+from routerretriever.runtime import Backend
 from routerretriever.store import corpus_fingerprint, embed_corpus
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ def corpus_index(
     embedder: Callable[[Corpus], np.ndarray] | None = None,
     batch_size: int = 32,
     bm25: BM25Config | None = None,
+    runtime: Backend = "auto",
 ) -> VectorIndex:
     """The shared index of ``corpus``'s base-model embeddings: FAISS in process, or Milvus.
 
@@ -39,12 +41,18 @@ def corpus_index(
     against a Milvus that already holds this corpus reuses it instead of inserting it again; a
     collection left incomplete (e.g. by a killed start) is rebuilt. With ``bm25`` a Milvus
     collection also holds the texts and Milvus's own BM25 full-text index (see
-    :func:`lexical_index`); FAISS ignores it.
+    :func:`lexical_index`); FAISS ignores it. ``runtime`` embeds the documents
+    (:mod:`routerretriever.runtime`).
     """
 
     def embeddings() -> tuple[list[str], np.ndarray]:
         emb = embed_corpus(
-            encoder, corpus, cache_dir=cache_dir, batch_size=batch_size, embedder=embedder
+            encoder,
+            corpus,
+            cache_dir=cache_dir,
+            batch_size=batch_size,
+            embedder=embedder,
+            backend=runtime,
         )
         return emb.ids, emb.embeddings
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from routerretriever.lexical import BM25Config
     from routerretriever.retriever import RoutingPrecision
     from routerretriever.router import Rule
+    from routerretriever.runtime import Backend
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class ServeSpec:
     base_mix: float = 0.0
     normalise: Normalisation = "minmax"
     decline: list[str] = field(default_factory=list)
+    runtime: Backend = "auto"  # what embeds the documents
     bm25: BM25Config | None = None  # None: the defaults
     limits: tuple[int, int, int] = (64, 2000, 100)  # queries, characters, k
     batch_window_ms: float = 0.0
@@ -78,6 +80,7 @@ def build_app(spec: ServeSpec) -> Any:
         milvus_uri=spec.milvus_uri,
         cache_dir=spec.cache_dir,
         bm25=(spec.bm25 or BM25Config()) if spec.alpha < 1 else None,
+        runtime=spec.runtime,
     )
     engine = Engine.open(
         encoder,
@@ -92,6 +95,7 @@ def build_app(spec: ServeSpec) -> Any:
         base_mix=spec.base_mix,
         normalise=spec.normalise,
         decline=spec.decline,
+        runtime=spec.runtime,
         bm25=spec.bm25,
     )
 

@@ -120,6 +120,14 @@ def add_serve_parser(sub: Any) -> None:
         "experiment's gate, as a saved router.json's 'decline' lists it; repeat per expert",
     )
     sv.add_argument("--routing-precision", choices=["auto", "float32", "bfloat16"], default="auto")
+    sv.add_argument(
+        "--backend",
+        choices=["auto", "torch", "onnx", "bfloat16"],
+        default="auto",
+        help="what embeds the documents, as evaluate's --backend: auto (bfloat16 where the "
+        "hardware does it natively, else ONNX Runtime on a CPU), torch (the exact float32 "
+        "reference), onnx or bfloat16 (default: auto)",
+    )
     sv.add_argument("--model", default=None, help="base model folder or hub id")
     sv.add_argument("--cache-dir", type=Path, default=None)
     sv.add_argument(
@@ -237,6 +245,7 @@ def _serve_replicas(args: argparse.Namespace, api_key: str | None, admin: bool) 
         base_mix=args.base_mix,
         normalise=args.normalise,
         decline=list(args.decline),
+        runtime=args.backend,
         bm25=args.bm25,
         limits=(args.max_queries, args.max_query_chars, args.max_k),
         batch_window_ms=args.batch_window_ms,
@@ -329,6 +338,7 @@ def open_engine(args: argparse.Namespace) -> Engine:
         cache_dir=args.cache_dir,
         embedder=embedder,
         bm25=args.bm25 if args.alpha < 1 else None,
+        runtime=args.backend,
     )
     engine = Engine.open(
         encoder,
@@ -344,6 +354,7 @@ def open_engine(args: argparse.Namespace) -> Engine:
         base_mix=args.base_mix,
         normalise=args.normalise,
         decline=args.decline,
+        runtime=args.backend,
         bm25=args.bm25,
     )
     return engine

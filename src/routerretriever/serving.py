@@ -40,7 +40,7 @@ from routerretriever.pilots import PilotLibrary, build_pilots
 from routerretriever.policy import PilotPolicy
 from routerretriever.retriever import FUSION_DEPTH, RouterRetriever, RoutingPrecision
 from routerretriever.router import RouteDecision, Rule
-from routerretriever.runtime import corpus_runtime
+from routerretriever.runtime import BACKENDS, Backend, corpus_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +119,7 @@ class Engine:
         normalise: Normalisation = "minmax",
         lexical: LexicalIndex | None = None,
         decline: Sequence[str] = (),
+        runtime: Backend = "auto",
         before_commit: Callable[[], None] | None = None,
     ) -> None:
         if not 0.0 <= alpha <= 1.0:
@@ -129,6 +130,10 @@ class Engine:
             raise ValueError("alpha < 1 fuses BM25: give a lexical index (see lexical_index)")
         if normalise not in NORMALISATIONS:
             raise ValueError(f"normalise must be one of {list(NORMALISATIONS)}, got {normalise!r}")
+        if runtime not in BACKENDS:
+            raise ValueError(f"runtime must be one of {', '.join(BACKENDS)}, got {runtime!r}")
+        #: What embeds documents (:mod:`routerretriever.runtime`), as the index was embedded.
+        self.runtime: Backend = runtime
         self.alpha, self.base_mix, self.lexical = float(alpha), float(base_mix), lexical
         self.normalise: Normalisation = normalise
         #: Experts whose routed queries get the base model instead (the experiment's gate, e.g.
@@ -177,15 +182,18 @@ class Engine:
         batch_size: int = 32,
         alpha: float = 1.0,
         lexical: LexicalIndex | None = None,
+        runtime: Backend = "auto",
         **options: Any,
     ) -> Engine:
         """Index ``corpus`` (unless ``index`` is given) and serve ``experts`` (folders relative to
         the store) when given, which then replace the saved set; else the experts of the last run
         (``STORE/.served.json``); else none. With ``alpha < 1`` the dense ranking is fused with
-        BM25 (``bm25`` settings; see :func:`routerretriever.store.lexical_index`). ``options``
-        are :class:`Engine`'s other keyword arguments."""
+        BM25 (``bm25`` settings; see :func:`routerretriever.store.lexical_index`). ``runtime``
+        embeds the documents; ``options`` are :class:`Engine`'s other keyword arguments."""
         if index is None:
-            index = corpus_index(encoder, corpus, cache_dir=cache_dir, batch_size=batch_size)
+            index = corpus_index(
+                encoder, corpus, cache_dir=cache_dir, batch_size=batch_size, runtime=runtime
+            )
         if alpha < 1.0 and lexical is None:
             lexical = lexical_index(index, corpus, bm25, cache_dir)
         engine = cls(
@@ -197,6 +205,7 @@ class Engine:
             batch_size=batch_size,
             alpha=alpha,
             lexical=lexical,
+            runtime=runtime,
             **options,
         )
         state = engine.store / SERVED
@@ -298,7 +307,7 @@ class Engine:
         decisions: list[RouteDecision | None] = [None] * len(texts)
         with self._model_lock.shared():
             if input_type == "document":  # the runtime the corpus index was embedded with
-                runtime = corpus_runtime(self.encoder, self.cache_dir)
+                runtime = corpus_runtime(self.encoder, self.cache_dir, self.runtime)
                 emb = runtime.encode(
                     self.encoder, texts, batch_size=self.batch_size, show_progress=False
                 )
