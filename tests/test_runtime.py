@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from routerretriever import Document, Encoder, embed_corpus
 from routerretriever import runtime as rt
-from routerretriever.runtime import MIN_COSINE, corpus_runtime, planned_runtime
+from routerretriever.runtime import BACKENDS, MIN_COSINE, corpus_runtime, planned_runtime
 from tests.conftest import tiny_model_path
 
 TEXTS = [
@@ -117,3 +117,13 @@ def test_bfloat16_rows_do_not_depend_on_order_or_batching(tiny_encoder, texts, b
     )
     assert np.isfinite(shuffled).all()
     assert cosines(whole[order], shuffled).min() >= 0.999
+
+
+@given(name=st.text(max_size=200))
+def test_any_backend_name_is_planned_or_refused_without_echoing_it_in_bulk(tiny_encoder, name):
+    try:
+        plan = planned_runtime(tiny_encoder, name)  # type: ignore[arg-type]
+    except ValueError as e:
+        assert name not in BACKENDS and len(str(e)) < 120
+    else:
+        assert name in BACKENDS and plan in ("torch", "onnx", "bfloat16")

@@ -67,7 +67,7 @@ BFLOAT16 = CorpusRuntime("bfloat16", autocast=torch.bfloat16)
 
 def _check(backend: str) -> None:
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {repr(backend)[:40]}")
 
 
 def planned_runtime(encoder: Encoder, backend: Backend = "auto") -> str:
