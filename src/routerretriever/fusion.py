@@ -95,20 +95,24 @@ def normalise(
     equal gets 1 for every hit (each is as good as the list's best) and 0 for a missing
     document. ``"zscore"`` uses ``stats`` (the query's scores over the whole corpus) where they
     are finite with a positive deviation, else the list's own; a list with no spread at all then
-    gets 0 everywhere (it says nothing)."""
+    gets 0 everywhere (it says nothing). A list's own spread below a billionth of its largest
+    score counts as none: it is rounding, and stretching it to the full range would let one
+    unit in the last place decide a ranking (and differ after a change of units)."""
     if how not in NORMALISATIONS:
         raise ValueError(f"unknown normalisation {how!r}; use one of {list(NORMALISATIONS)}")
     if not hits:
         return {}, 0.0
     s = np.array([v for _, v in hits], dtype=np.float64)
+    tiny = 1e-9 * float(np.abs(s).max())  # a spread below this is rounding, not evidence
     if how == "zscore":
-        mean, sd = stats if stats is not None and _known(stats) else (s.mean(), s.std())
-        if not sd > 0:
+        known = stats is not None and _known(stats)
+        mean, sd = stats if stats is not None and known else (s.mean(), s.std())
+        if not sd > (0.0 if known else tiny):
             return {d: 0.0 for d, _ in hits}, 0.0
         return {d: float((v - mean) / sd) for d, v in hits}, float((s.min() - mean) / sd)
     hi = s.max()
     lo = 0.0 if how == "max" and hi > 0 and s.min() >= -hi else s.min()
-    if hi - lo <= 0:
+    if hi - lo <= tiny:
         return {d: 1.0 for d, _ in hits}, 0.0
     return {d: float((v - lo) / (hi - lo)) for d, v in hits}, float((s.min() - lo) / (hi - lo))
 
