@@ -86,9 +86,12 @@ def main() -> None:
     for folder in args.router:
         rr = RouterRetriever.load(folder, batch_size=args.batch_size, show_progress=False)
         saved[f"{folder.name} (saved)"] = rr
-    lexical = None
+    lexical = {}  # each saved system's own BM25 settings (feedback, say)
     if any(rr.alpha < 1 for rr in saved.values()):
-        lexical = BM25Index.build(load_corpus(args.bm25_corpus or args.data / "beir/scifact"))
+        bm25_corpus = load_corpus(args.bm25_corpus or args.data / "beir/scifact")
+        for rr in saved.values():
+            if rr.alpha < 1 and rr.bm25 not in lexical:
+                lexical[rr.bm25] = BM25Index.build(bm25_corpus, rr.bm25)
     enc.encode(texts[:64], batch_size=args.batch_size, show_progress=False)  # warm-up
 
     times: dict[str, list[float]] = collections.defaultdict(list)
@@ -104,11 +107,10 @@ def main() -> None:
             start = time.perf_counter()
             rr.encode_queries(texts)
             if rr.alpha < 1:
-                assert lexical is not None
                 if rr.normalise == "zscore":  # also each query's score moments over the corpus
-                    lexical.search_with_stats(texts, 100)
+                    lexical[rr.bm25].search_with_stats(texts, 100)
                 else:
-                    lexical.search(texts, 100)
+                    lexical[rr.bm25].search(texts, 100)
             times[name].append(time.perf_counter() - start)
     plain = len(texts) / statistics.median(times["plain"])
     print(

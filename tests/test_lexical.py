@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import signal
@@ -24,23 +26,26 @@ CORPUS = {
 }
 
 
-def lucene_bm25(corpus: dict[str, Document], query: str, cfg: BM25Config) -> dict[str, float]:
-    """Lucene's BM25 written out (Lucene 8+ drops the constant k1 + 1 factor):
+def lucene_term(docs: dict[str, list[str]], term: str, cfg: BM25Config) -> dict[str, float]:
+    """Lucene's BM25 of one word written out (Lucene 8+ drops the constant k1 + 1 factor):
     idf = ln(1 + (N - df + .5) / (df + .5)) times tf / (tf + k1 (1 - b + b len / avglen))."""
-    docs = {d: tokenize([doc.full_text], cfg)[0] for d, doc in corpus.items()}
     n = len(docs)
     avg = sum(len(w) for w in docs.values()) / n
+    df = sum(term in w for w in docs.values())
+    idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
     out = {}
     for d, words in docs.items():
-        s = 0.0
-        for term in set(tokenize([query], cfg)[0]):
-            df = sum(term in w for w in docs.values())
-            if df == 0:
-                continue
-            tf = words.count(term)
-            idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
-            s += idf * tf / (tf + cfg.k1 * (1 - cfg.b + cfg.b * len(words) / avg))
-        out[d] = s
+        tf = words.count(term)
+        out[d] = idf * tf / (tf + cfg.k1 * (1 - cfg.b + cfg.b * len(words) / avg)) if tf else 0.0
+    return out
+
+
+def lucene_bm25(corpus: dict[str, Document], query: str, cfg: BM25Config) -> dict[str, float]:
+    docs = {d: tokenize([doc.full_text], cfg)[0] for d, doc in corpus.items()}
+    out = dict.fromkeys(docs, 0.0)
+    for term in set(tokenize([query], cfg)[0]):
+        for d, s in lucene_term(docs, term, cfg).items():
+            out[d] += s
     return out
 
 
@@ -159,3 +164,161 @@ def test_any_text_is_indexed_and_searched_without_error(docs, query, k):
     assert all(d in corpus and s > 0 for d, s in hits)
     (again,), stats = index.search_with_stats([query], k)
     assert again == hits and stats.shape == (1, 2) and np.isfinite(stats).all()
+
+
+FEEDBACK = BM25Config(feedback_docs=2, feedback_terms=4, feedback_weight=0.3)
+
+
+def rm3_written_out(corpus: dict[str, Document], query: str, cfg: BM25Config) -> dict[str, float]:
+    """RM3's expanded query scored by hand: the plain query's top documents (positive scores,
+    ties by corpus order) lend their likeliest words (ties in alphabetical order)."""
+    docs = {d: tokenize([doc.full_text], cfg)[0] for d, doc in corpus.items()}
+    words = tokenize([query], cfg)[0]
+    plain = dict.fromkeys(docs, 0.0)
+    for w in words:  # every occurrence counts, as bm25s counts it
+        for d, s in lucene_term(docs, w, cfg).items():
+            plain[d] += s
+    order = sorted(docs, key=lambda d: (-plain[d], list(docs).index(d)))
+    feedback = [d for d in order[: cfg.feedback_docs] if plain[d] > 0]
+    p: dict[str, float] = {}
+    for d in feedback:
+        for w in set(docs[d]):
+            p[w] = p.get(w, 0.0) + docs[d].count(w) / len(docs[d]) / len(feedback)
+    kept = sorted(p.items(), key=lambda x: (-x[1], x[0]))[: cfg.feedback_terms]
+    z = sum(x for _, x in kept)
+    w = cfg.feedback_weight
+    out = {d: (1 - w) * plain[d] / len(words) for d in docs}
+    for term, x in kept:
+        for d, s in lucene_term(docs, term, cfg).items():
+            out[d] += w * x / z * s
+    return out
+
+
+@pytest.mark.parametrize(
+    "cfg", [FEEDBACK, BM25Config(feedback_docs=1, feedback_terms=20, feedback_weight=1.0)]
+)
+def test_feedback_scores_equal_rm3_written_out(cfg):
+    index = BM25Index.build(CORPUS, cfg)
+    for query in ("heart patients cholesterol", "wings", "heart heart statin", "catalogues"):
+        expected = rm3_written_out(CORPUS, query, cfg)
+        got = dict(zip(index.ids, index.scores(query).tolist(), strict=True))
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-6), query
+    query = "heart cholesterol"
+    assert not np.allclose(index.scores(query), BM25Index.build(CORPUS).scores(query))
+
+
+def test_feedback_never_draws_on_the_excluded_document():
+    corpus = {
+        "own": Document("heart heart zebra"),
+        "zebra": Document("zebra stripes"),
+        "other": Document("heart lungs"),
+        "far": Document("wings at supersonic speeds"),
+    }
+    cfg = BM25Config(feedback_docs=1, feedback_terms=5, feedback_weight=0.5)
+    index = BM25Index.build(corpus, cfg)
+    (hits,) = index.search(["heart"], 10)
+    assert hits[0][0] == "own" and "zebra" in dict(hits)  # "own" lends its word "zebra"
+    (hits,) = index.search(["heart"], 10, exclude_ids=["own"])
+    assert set(dict(hits)) == {"other"}  # feedback from "other" only: no zebra
+    hits, stats = index.search_with_stats(["heart"], 10, exclude_ids=["own"])
+    assert hits == [[("other", pytest.approx(dict(hits[0])["other"]))]]
+    assert np.isfinite(stats).all()
+
+
+def test_feedback_settings_do_not_change_the_index_key(tmp_path):
+    index_only = {"k1": 1.5, "b": 0.75, "method": "lucene", "stemmer": "english", "stopwords": "en"}
+    old_key = hashlib.sha256(json.dumps(index_only, sort_keys=True).encode()).hexdigest()[:12]
+    assert BM25Config().fingerprint == FEEDBACK.fingerprint == old_key  # caches, Milvus names
+    plain = BM25Index.cached(CORPUS, cache_dir=tmp_path)
+    expanded = BM25Index.cached(CORPUS, FEEDBACK, cache_dir=tmp_path)
+    assert len(list((tmp_path / "bm25").iterdir())) == 1
+    assert expanded.config == FEEDBACK and plain.config == BM25Config()
+    assert np.allclose(expanded.scores("heart"), BM25Index.build(CORPUS, FEEDBACK).scores("heart"))
+    assert BM25Config(feedback_terms=5, feedback_weight=0.5).feedback is False  # docs = 0: off
+
+
+def test_an_index_of_the_previous_format_is_rebuilt(tmp_path):
+    BM25Index.cached(CORPUS, cache_dir=tmp_path)
+    (folder,) = (tmp_path / "bm25").iterdir()
+    manifest = folder / "routerretriever-bm25.json"
+    manifest.write_text(manifest.read_text().replace('"version": 2', '"version": 1'))
+    for name in ("doc_indptr.npy", "doc_terms.npy", "doc_counts.npy"):
+        (folder / name).unlink()
+    with pytest.raises(ValueError, match="format 1 unknown"):
+        BM25Index.load(folder)
+    index = BM25Index.cached(CORPUS, FEEDBACK, cache_dir=tmp_path)
+    assert np.allclose(index.scores("heart"), BM25Index.build(CORPUS, FEEDBACK).scores("heart"))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("feedback_docs", -1),
+        ("feedback_docs", "3"),
+        ("feedback_docs", True),
+        ("feedback_docs", 2.5),
+        ("feedback_terms", 10_000),
+        ("feedback_weight", 1.5),
+        ("feedback_weight", float("nan")),
+        ("feedback_weight", "0.1"),
+    ],
+)
+def test_bad_feedback_settings_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"bm25 {field} must be"):
+        BM25Config(**{field: value})
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    docs=st.lists(texts, min_size=1, max_size=6),
+    query=texts,
+    k=st.integers(1, 10),
+    fb=st.tuples(st.integers(0, 8), st.integers(0, 8), st.floats(0, 1)),
+    exclude=st.integers(0, 6),
+)
+def test_any_text_with_feedback_is_searched_without_error(docs, query, k, fb, exclude):
+    corpus = {f"d{i}": Document(t) for i, t in enumerate(docs)}
+    cfg = BM25Config(feedback_docs=fb[0], feedback_terms=fb[1], feedback_weight=fb[2])
+    try:
+        index = BM25Index.build(corpus, cfg)
+    except ValueError as e:  # a corpus with no words at all
+        assert "vocabulary" in str(e).lower() or "empty" in str(e).lower()
+        return
+    skip = f"d{exclude}"
+    hits, stats = index.search_with_stats([query], k, exclude_ids=[skip])
+    assert len(hits[0]) <= k and skip not in dict(hits[0])
+    assert all(d in corpus and s > 0 and math.isfinite(s) for d, s in hits[0])
+    assert np.isfinite(stats).all()
+    if not cfg.feedback:
+        assert hits == BM25Index.build(corpus).search([query], k, exclude_ids=[skip])
+
+
+BUILD_SCRIPT = """
+import sys
+from routerretriever import load_beir
+from routerretriever.lexical import BM25Index
+BM25Index.cached(load_beir(sys.argv[1]).corpus, cache_dir=sys.argv[2])
+"""
+
+
+def test_feedback_is_the_same_whichever_process_built_the_index(tmp_path):
+    """bm25s numbers its words differently in each process (string hashing), so feedback must
+    not break ties by those numbers: an index built elsewhere expands queries alike."""
+    from tests.conftest import TINY
+
+    subprocess.run(
+        [sys.executable, "-c", BUILD_SCRIPT, str(TINY), str(tmp_path)],
+        check=True,
+        env={
+            **os.environ,
+            "PYTHONHASHSEED": "12345",
+            "PYTHONPATH": str(Path(__file__).parents[1] / "src"),
+        },
+    )
+    ds = load_beir(TINY)
+    cfg = BM25Config(feedback_docs=3, feedback_terms=5)
+    there = BM25Index.cached(ds.corpus, cfg, cache_dir=tmp_path)
+    here = BM25Index.build(ds.corpus, cfg)
+    assert there._model.vocab_dict != here._model.vocab_dict  # numbered differently ...
+    for query in ds.queries.values():  # ... and scored the same
+        np.testing.assert_allclose(there.scores(query), here.scores(query), rtol=1e-5, atol=1e-7)

@@ -11,6 +11,7 @@ from routerretriever import Encoder, ModelError, load_beir
 from routerretriever.encoder import BASE
 from routerretriever.experts import load_expert
 from routerretriever.index import FaissIndex
+from routerretriever.lexical import BM25Config
 from routerretriever.pilots import DomainInstances, add_expert, build_pilots, remove_expert
 from routerretriever.pseudo import make_pseudo_queries
 from routerretriever.retriever import RouterRetriever, per_query_ndcg
@@ -328,13 +329,14 @@ def test_a_mixture_equals_score_fusion_of_its_members_own_searches(setup):
 def test_save_load_round_trip_with_neighbours_and_bm25(setup, tmp_path):
     enc, ds, index, domains = setup
     policy = neighbour_policy(enc, index, domains, [BASE, "alpha", "beta"], top=2)
+    bm25 = BM25Config(feedback_docs=3, feedback_terms=5)
     rr = RouterRetriever(
-        enc, policy=policy, alpha=0.7, routing_precision="float32", normalise="max"
+        enc, policy=policy, alpha=0.7, routing_precision="float32", normalise="max", bm25=bm25
     )
     rr.save(tmp_path / "rr")
     back = RouterRetriever.load(tmp_path / "rr", cache_dir=tmp_path / "c")
     assert back.alpha == 0.7 and back.policy.top == 2 and back.encoder.experts == ["alpha", "beta"]
-    assert back.normalise == "max"
+    assert back.normalise == "max" and back.bm25 == bm25
     rr.index_corpus(ds.corpus)
     back.index_corpus(ds.corpus)
     a, why_a = rr.search_with_routes(ds.queries, k=10)
@@ -353,8 +355,13 @@ def test_a_saved_router_with_a_bad_fusion_setting_names_its_file(setup, tmp_path
     saved = json.loads(manifest.read_text())
     assert saved["normalise"] == "minmax"
     del saved["normalise"]  # saved before the setting existed: min-max, as then
+    saved["bm25"] = {k: v for k, v in saved["bm25"].items() if not k.startswith("feedback")}
     manifest.write_text(json.dumps(saved))
-    assert RouterRetriever.load(tmp_path / "rr").normalise == "minmax"
+    back = RouterRetriever.load(tmp_path / "rr")
+    assert back.normalise == "minmax" and back.bm25 == BM25Config()  # no feedback, as then
+    manifest.write_text(json.dumps({**saved, "bm25": {"feedback_weight": 2}}))
+    with pytest.raises(ModelError, match=r"router\.json: cannot read .*bm25 feedback_weight"):
+        RouterRetriever.load(tmp_path / "rr")
     manifest.write_text(json.dumps({**saved, "normalise": "rank"}))
     with pytest.raises(ModelError, match=r"router\.json: cannot read the saved router .*normalise"):
         RouterRetriever.load(tmp_path / "rr")

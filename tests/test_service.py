@@ -1039,6 +1039,14 @@ def test_milvus_full_text_search_serves_the_lexical_side(encoder, tmp_path):
     # A dense-only collection of this corpus is not mistaken for one with text.
     with pytest.raises(ValueError, match="no full-text"):
         MilvusIndex(uri, encoder.dim, collection=index.collection + "_x").lexical()
+    # Feedback needs weighted words, which Milvus's full-text search does not take: refused
+    # before any collection is made, and by the existing collection too.
+    feedback = BM25Config(stemmer=None, feedback_docs=3)
+    with pytest.raises(ValueError, match="feedback .* needs the bm25s index"):
+        corpus_index(encoder, corpus, backend="milvus", milvus_uri=uri + "x", bm25=feedback)
+    assert not Path(uri + "x").exists()
+    with pytest.raises(ValueError, match="feedback .* needs the bm25s index"):
+        lexical_index(index, corpus, feedback)
 
 
 def test_the_server_parses_http_with_httptools_and_keeps_the_header_guard():

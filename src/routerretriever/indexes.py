@@ -60,6 +60,8 @@ def corpus_index(
         return FaissIndex.from_embeddings(*embeddings())
     if backend != "milvus" or not milvus_uri:
         raise ValueError(f"index backend must be 'faiss' or 'milvus' with a URI, got {backend!r}")
+    if bm25 is not None and bm25.feedback:
+        raise ValueError(MILVUS_FEEDBACK)
     name = f"rr_{encoder.fingerprint}_{corpus_fingerprint(corpus)}"
     text: dict[str, Any] = {}
     if bm25 is not None:
@@ -80,6 +82,12 @@ def corpus_index(
     return index
 
 
+MILVUS_FEEDBACK = (
+    "BM25 feedback (bm25 feedback_docs > 0) needs the bm25s index: Milvus's full-text search "
+    "takes no weighted words. Use the faiss backend, or feedback_docs = 0"
+)
+
+
 def lexical_index(
     index: VectorIndex,
     corpus: Corpus,
@@ -90,6 +98,8 @@ def lexical_index(
     it has one (built by :func:`corpus_index` with ``bm25``), else a :class:`BM25Index` of
     ``corpus`` (cached on disk)."""
     if isinstance(index, MilvusIndex) and index.text:
+        if bm25 is not None and bm25.feedback:
+            raise ValueError(MILVUS_FEEDBACK)
         return index.lexical()
     return BM25Index.cached(corpus, bm25 or BM25Config(), cache_dir)
 
