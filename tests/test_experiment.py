@@ -125,3 +125,27 @@ train = "corpus"
     assert not cfg.multitask
     train_all(cfg)  # the domain's expert is kept; nothing else is trained
     assert not (tmp_path / "store" / "multitask").exists()
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ("[pseudo]\nmax_doc = 5", r"x\.toml: unknown \[pseudo\] keys \['max_doc'\]; known: "),
+        ("[bm25]\nfeedback_doc = 5", r"x\.toml: unknown \[bm25\] keys \['feedback_doc'\]"),
+        ("[bm25]\nfeedback_weight = 3", r"x\.toml: \[bm25\]: bm25 feedback_weight must be"),
+        ("[bm25]\nk1 = -1", r"x\.toml: \[bm25\]: bm25 k1 must be"),
+        ("bm25 = 3", r"x\.toml: \[bm25\] must be a table"),
+    ],
+)
+def test_a_bad_settings_table_names_the_file_and_table(tmp_path, table, message):
+    with pytest.raises(ValueError, match=message):
+        ExperimentConfig.load(write(tmp_path, f'{table}\n[[domains]]\nname="a"\npath="a"'))
+
+
+def test_bm25_feedback_is_read_from_the_config(tmp_path):
+    text = '[bm25]\nfeedback_docs = 5\nfeedback_terms = 5\n[[domains]]\nname="a"\npath="a"'
+    cfg = ExperimentConfig.load(write(tmp_path, text))
+    assert cfg.bm25.feedback and cfg.bm25.feedback_docs == 5 and cfg.bm25.feedback_weight == 0.1
+    assert not ExperimentConfig.load(
+        write(tmp_path, '[[domains]]\nname="a"\npath="a"')
+    ).bm25.feedback

@@ -90,10 +90,26 @@ class ExperimentConfig:
             return (here / p).resolve()
 
         root = resolve(raw.get("data_root", "."))
+        sections: dict[str, type] = {
+            "train": TrainConfig,
+            "pseudo": PseudoQueryConfig,
+            "bm25": BM25Config,
+        }
+        for section, kind in sections.items():
+            table = raw.get(section, {})
+            if not isinstance(table, dict):
+                raise ValueError(f"{path}: [{section}] must be a table of settings")
+            allowed = {f.name for f in fields(kind)}
+            bad = sorted(set(table) - allowed)
+            if bad:
+                raise ValueError(
+                    f"{path}: unknown [{section}] keys {bad}; known: {sorted(allowed)}"
+                )
         known = {f.name for f in fields(TrainConfig)}
-        bad = sorted(set(raw.get("train", {})) - known)
-        if bad:
-            raise ValueError(f"{path}: unknown [train] keys {bad}; known: {sorted(known)}")
+        try:
+            bm25 = BM25Config(**raw.get("bm25", {}))
+        except ValueError as e:
+            raise ValueError(f"{path}: [bm25]: {e}") from None
         domains = [
             DomainSpec(
                 d["name"],
@@ -141,7 +157,7 @@ class ExperimentConfig:
             batch_size=raw.get("batch_size", 32),
             routing_layers=[int(k) for k in raw.get("routing_layers", [])],
             routing_bf16=bool(raw.get("routing_bf16", False)),
-            bm25=BM25Config(**raw.get("bm25", {})),
+            bm25=bm25,
             multitask=bool(raw.get("multitask", True)),
             backend=backend,
             normalisations=list(dict.fromkeys(norms)),
