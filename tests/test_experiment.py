@@ -1,8 +1,19 @@
 from __future__ import annotations
 
-import pytest
+import json
+import tempfile
+from dataclasses import fields
+from pathlib import Path
 
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from routerretriever.config import TrainConfig
 from routerretriever.experiment import ExperimentConfig
+from routerretriever.experiment_config import DOMAIN_KEYS, RAW_KEYS
+from routerretriever.lexical import BM25Config
+from routerretriever.pseudo import PseudoQueryConfig
 
 
 def write(tmp_path, text):
@@ -39,13 +50,13 @@ train = "none"
 
 
 def test_unknown_settings_are_named(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown \[train\] keys \['learning_rate'\]"):
+    with pytest.raises(ValueError, match=r"\[train\]: unknown keys \['learning_rate'\]"):
         ExperimentConfig.load(
             write(tmp_path, '[train]\nlearning_rate = 1\n[[domains]]\nname="a"\npath="a"')
         )
     with pytest.raises(ValueError, match="no \\[\\[domains\\]\\]"):
         ExperimentConfig.load(write(tmp_path, "store = 'x'"))
-    with pytest.raises(ValueError, match="domain 'a': unknown overrides \\['foo'\\]"):
+    with pytest.raises(ValueError, match="domain 'a' overrides: unknown keys \\['foo'\\]"):
         ExperimentConfig.load(write(tmp_path, '[[domains]]\nname="a"\npath="a"\noverrides={foo=1}'))
     with pytest.raises(
         ValueError, match="backend must be one of auto, torch, onnx, bfloat16; got 'gpu'"
@@ -58,16 +69,19 @@ def test_unknown_settings_are_named(tmp_path):
         assert cfg.backend == backend
     assert cfg.normalisations == ["minmax"]  # the fusion the pool's candidates try by default
     dom = '\n[[domains]]\nname="a"\npath="a"'
-    for bad in ('"max"', "[]", '["max", "rank"]'):
+    for bad in ("[]", '["max", "rank"]'):
         with pytest.raises(ValueError, match=r"x\.toml: normalisations must be a non-empty list"):
             ExperimentConfig.load(write(tmp_path, f"normalisations = {bad}{dom}"))
+    with pytest.raises(ValueError, match=r"x\.toml: normalisations must be of type list\[str\]"):
+        ExperimentConfig.load(write(tmp_path, f'normalisations = "max"{dom}'))
     cfg = ExperimentConfig.load(write(tmp_path, f'normalisations = ["max", "minmax", "max"]{dom}'))
     assert cfg.normalisations == ["max", "minmax"]
     assert cfg.domains[0].hold_out == 0  # no third split unless asked
     labelled = '[[domains]]\nname="a"\npath="a"\ntrain="train"\nhold_out = 100'
     assert ExperimentConfig.load(write(tmp_path, labelled)).domains[0].hold_out == 100
-    for bad, why in (("-1", "an integer >= 0"), ('"10"', "an integer >= 0")):
-        with pytest.raises(ValueError, match=f"domain 'a': hold_out must be {why}"):
+    for bad, why in (("-1", "domain 'a': hold_out must be an integer >= 0"),
+                     ('"10"', "number 1: hold_out must be of type int, got '10'")):  # fmt: skip
+        with pytest.raises(ValueError, match=why):
             ExperimentConfig.load(write(tmp_path, labelled.replace("100", bad)))
     with pytest.raises(ValueError, match="domain 'a': hold_out needs labelled training queries"):
         ExperimentConfig.load(write(tmp_path, f"{dom}\nhold_out = 5"))
@@ -130,11 +144,17 @@ train = "corpus"
 @pytest.mark.parametrize(
     ("table", "message"),
     [
-        ("[pseudo]\nmax_doc = 5", r"x\.toml: unknown \[pseudo\] keys \['max_doc'\]; known: "),
-        ("[bm25]\nfeedback_doc = 5", r"x\.toml: unknown \[bm25\] keys \['feedback_doc'\]"),
+        ("[pseudo]\nmax_doc = 5", r"x\.toml: \[pseudo\]: unknown keys \['max_doc'\]; known: "),
+        ("[bm25]\nfeedback_doc = 5", r"x\.toml: \[bm25\]: unknown keys \['feedback_doc'\]"),
         ("[bm25]\nfeedback_weight = 3", r"x\.toml: \[bm25\]: bm25 feedback_weight must be"),
         ("[bm25]\nk1 = -1", r"x\.toml: \[bm25\]: bm25 k1 must be"),
-        ("bm25 = 3", r"x\.toml: \[bm25\] must be a table"),
+        ("bm25 = 3", r"x\.toml: bm25 must be of type dict"),
+        ('[train]\nlr = "fast"', r"x\.toml: \[train\]: lr must be of type float, got 'fast'"),
+        ("[bm25]\nfeedback_docs = true", r"\[bm25\]: feedback_docs must be of type int, got True"),
+        ("seed = 1.5", r"x\.toml: seed must be of type int, got 1\.5"),
+        ("data_root = []", r"x\.toml: data_root must be of type str, got \[\]"),
+        ('routing_layers = [1, "2"]', r"routing_layers must be of type list\[int\]"),
+        ("batch_size = 0", r"x\.toml: batch_size must be a positive integer"),
     ],
 )
 def test_a_bad_settings_table_names_the_file_and_table(tmp_path, table, message):
@@ -149,3 +169,87 @@ def test_bm25_feedback_is_read_from_the_config(tmp_path):
     assert not ExperimentConfig.load(
         write(tmp_path, '[[domains]]\nname="a"\npath="a"')
     ).bm25.feedback
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('max_instance = 3\n[[domains]]\nname="a"\npath="a"', r"unknown keys \['max_instance'\]"),
+        ('[[domains]]\nname="a"\npath="a"\ntrian="train"', r"number 1: unknown keys \['trian'\]"),
+        ('[[domains]]\npath="a"', "number 1 needs a name and a path"),
+        ('[[domains]]\nname="a"\npath=3', r"number 1: path must be of type str, got 3"),
+    ],
+)
+def test_a_mistyped_key_is_named_not_ignored(tmp_path, text, message):
+    """A typo must not silently fall back to a default (``trian`` would train on the corpus)."""
+    with pytest.raises(ValueError, match=r"x\.toml: .*" + message):
+        ExperimentConfig.load(write(tmp_path, text))
+
+
+def toml_value(v) -> str:
+    """A TOML inline value (JSON's strings are TOML basic strings; tables are inline)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
+
+
+scalars = st.one_of(
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=False, allow_infinity=False, width=32),
+    st.text(max_size=8),
+)
+values = st.recursive(
+    scalars,
+    lambda c: st.one_of(
+        st.lists(scalars, max_size=3), st.dictionaries(st.text(max_size=5), c, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+def table_of(keys: list[str]):
+    return st.dictionaries(st.sampled_from([*keys, "bogus"]), values, max_size=4)
+
+
+domain = st.fixed_dictionaries(
+    {"name": st.text(max_size=5), "path": st.text(max_size=5)},
+    optional={
+        "train": st.sampled_from(["train", "corpus", "none"]) | values,
+        "hold_out": values,
+        "overrides": table_of([f.name for f in fields(TrainConfig)]) | values,
+    },
+) | table_of(sorted(DOMAIN_KEYS))
+config = st.fixed_dictionaries(
+    {},
+    optional={
+        **{k: values for k in RAW_KEYS if k not in ("train", "pseudo", "bm25", "domains")},
+        "train": table_of([f.name for f in fields(TrainConfig)]) | values,
+        "pseudo": table_of([f.name for f in fields(PseudoQueryConfig)]) | values,
+        "bm25": table_of([f.name for f in fields(BM25Config)]) | values,
+        "domains": st.lists(domain, max_size=3) | values,
+        "zzz": values,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw=config)
+def test_any_config_loads_or_names_its_file(raw):
+    """Whatever a config holds, loading it gives settings or one ValueError naming the file."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "x.toml"
+        path.write_text("\n".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in raw.items()))
+        try:
+            cfg = ExperimentConfig.load(path)
+        except ValueError as e:
+            assert str(e).startswith(str(path)) and len(str(e)) < 600
+            return
+        assert cfg.domains and all(isinstance(d.name, str) for d in cfg.domains)
+        assert isinstance(cfg.train, TrainConfig) and isinstance(cfg.bm25, BM25Config)

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import logging
 import random
-import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,175 +19,20 @@ import numpy as np
 
 from routerretriever.data import load_beir
 from routerretriever.encoder import BASE, Encoder
-from routerretriever.errors import DataError
+from routerretriever.experiment_config import DomainSpec, ExperimentConfig
 from routerretriever.experts import load_expert
 from routerretriever.files import atomic_write
-from routerretriever.fusion import NORMALISATIONS, Normalisation
 from routerretriever.index import FaissIndex
-from routerretriever.lexical import BM25Config, BM25Index
+from routerretriever.lexical import BM25Index
 from routerretriever.pilots import DomainInstances
-from routerretriever.pseudo import PseudoQueryConfig
 from routerretriever.retriever import per_query_ndcg
-from routerretriever.runtime import BACKENDS, Backend
 from routerretriever.store import embed_corpus
-from routerretriever.training import TrainConfig, load_training_set
+from routerretriever.training import load_training_set
 
 logger = logging.getLogger(__name__)
 
 MULTITASK = "multitask"
 MIN_CHOICE = 50  # unseen labelled queries a domain needs before they, not its dev set, decide
-
-
-@dataclass
-class DomainSpec:
-    """A domain: its BEIR folder and where its expert's training data comes from."""
-
-    name: str
-    path: Path
-    train: str = "corpus"  # a labelled split name, "corpus" (pseudo-queries) or "none" (zero-shot)
-    overrides: dict[str, Any] = field(default_factory=dict)  # [train] settings for this expert
-    #: labelled training queries kept from training and early stopping, for the pool's choices
-    hold_out: int = 0
-
-
-@dataclass
-class ExperimentConfig:
-    """What ``routerretriever experiment CONFIG`` runs (see ``experiments/paper.toml``)."""
-
-    domains: list[DomainSpec]
-    store: Path
-    results: Path
-    cache_dir: Path | None = None
-    test_split: str = "test"
-    train: TrainConfig = field(default_factory=TrainConfig)
-    pseudo: PseudoQueryConfig = field(default_factory=PseudoQueryConfig)
-    max_instances: int = 300  # training instances per domain for the pilot library
-    classifier_instances: int = 100  # DatasetRouter's sampled instances per domain
-    seed: int = 0
-    batch_size: int = 32
-    routing_layers: list[int] = field(default_factory=list)  # also route on these first layers
-    routing_bf16: bool = False  # also route with a bfloat16 routing pass
-    bm25: BM25Config = field(default_factory=BM25Config)  # the pool's lexical member
-    multitask: bool = True  # train the multi-task LoRA baseline (Table 1's second row)
-    backend: Backend = "auto"  # the corpus side's runtime (routerretriever.runtime)
-    #: the pool's candidates fuse BM25 with each of these (routerretriever.fusion.normalise)
-    normalisations: list[Normalisation] = field(default_factory=lambda: ["minmax"])
-
-    @classmethod
-    def load(cls, path: str | Path) -> ExperimentConfig:
-        path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path}: not valid TOML ({e})") from None
-        here = path.parent
-
-        def resolve(p: str | None) -> Path | None:
-            return None if p is None else (here / p).resolve()
-
-        def root_path(p: str) -> Path:
-            return (here / p).resolve()
-
-        root = resolve(raw.get("data_root", "."))
-        sections: dict[str, type] = {
-            "train": TrainConfig,
-            "pseudo": PseudoQueryConfig,
-            "bm25": BM25Config,
-        }
-        for section, kind in sections.items():
-            table = raw.get(section, {})
-            if not isinstance(table, dict):
-                raise ValueError(f"{path}: [{section}] must be a table of settings")
-            allowed = {f.name for f in fields(kind)}
-            bad = sorted(set(table) - allowed)
-            if bad:
-                raise ValueError(
-                    f"{path}: unknown [{section}] keys {bad}; known: {sorted(allowed)}"
-                )
-        known = {f.name for f in fields(TrainConfig)}
-        try:
-            bm25 = BM25Config(**raw.get("bm25", {}))
-        except ValueError as e:
-            raise ValueError(f"{path}: [bm25]: {e}") from None
-        domains = [
-            DomainSpec(
-                d["name"],
-                root / d["path"],
-                d.get("train", "corpus"),
-                d.get("overrides", {}),
-                d.get("hold_out", 0),
-            )
-            for d in raw.get("domains", [])
-        ]
-        for d in domains:
-            bad = sorted(set(d.overrides) - known)
-            if bad:
-                raise ValueError(f"{path}: domain {d.name!r}: unknown overrides {bad}")
-            if not isinstance(d.hold_out, int) or d.hold_out < 0:
-                raise ValueError(f"{path}: domain {d.name!r}: hold_out must be an integer >= 0")
-            if d.hold_out and d.train in ("corpus", "none"):
-                raise ValueError(
-                    f"{path}: domain {d.name!r}: hold_out needs labelled training queries"
-                )
-        if not domains:
-            raise ValueError(f"{path}: no [[domains]]")
-        backend = raw.get("backend", "auto")
-        if backend not in BACKENDS:
-            raise ValueError(
-                f"{path}: backend must be one of {', '.join(BACKENDS)}; got {backend!r}"
-            )
-        norms = raw.get("normalisations", ["minmax"])
-        if not isinstance(norms, list) or not norms or set(norms) - set(NORMALISATIONS):
-            raise ValueError(
-                f"{path}: normalisations must be a non-empty list of {list(NORMALISATIONS)}; "
-                f"got {str(norms)[:80]}"
-            )
-        return cls(
-            domains=domains,
-            store=root_path(raw.get("store", "runs/experts")),
-            results=root_path(raw.get("results", "runs/results")),
-            cache_dir=resolve(raw.get("cache_dir")),
-            test_split=raw.get("test_split", "test"),
-            train=TrainConfig(**raw.get("train", {})),
-            pseudo=PseudoQueryConfig(**raw.get("pseudo", {})),
-            max_instances=raw.get("max_instances", 300),
-            classifier_instances=raw.get("classifier_instances", 100),
-            seed=raw.get("seed", 0),
-            batch_size=raw.get("batch_size", 32),
-            routing_layers=[int(k) for k in raw.get("routing_layers", [])],
-            routing_bf16=bool(raw.get("routing_bf16", False)),
-            bm25=bm25,
-            multitask=bool(raw.get("multitask", True)),
-            backend=backend,
-            normalisations=list(dict.fromkeys(norms)),
-        )
-
-    @property
-    def expert_domains(self) -> list[DomainSpec]:
-        return [d for d in self.domains if d.train != "none"]
-
-    def check_paths(self) -> None:
-        """Every domain's data is there (corpus, queries, the test and training qrels), checked
-        before anything runs; the error lists everything missing at once."""
-        missing = []
-        for d in self.domains:
-            need = ["corpus.jsonl", "queries.jsonl", f"qrels/{self.test_split}.tsv"]
-            if d.train not in ("corpus", "none"):
-                need.append(f"qrels/{d.train}.tsv")
-            gone = [
-                n for n in need if not (d.path / n).is_file() and not (d.path / f"{n}.gz").is_file()
-            ]
-            if not d.path.is_dir():
-                missing.append(f"{d.name}: no folder {d.path}")
-            elif gone:
-                missing.append(f"{d.name}: {d.path} lacks {', '.join(gone)}")
-        if missing:
-            raise DataError(
-                "missing data:\n  "
-                + "\n  ".join(missing)
-                + "\nBEIR collections: routerretriever data get NAME --to DIR (see: data list); "
-                "point data_root or each domain's path at them"
-            )
 
 
 # -- step 1: experts ---------------------------------------------------------------------------
