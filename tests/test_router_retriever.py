@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from routerretriever import Encoder, ModelError, load_beir
 from routerretriever.encoder import BASE
@@ -345,6 +347,50 @@ def test_save_load_round_trip_with_neighbours_and_bm25(setup, tmp_path):
     for q in a:
         assert list(a[q]) == list(b[q])
         np.testing.assert_allclose(list(a[q].values()), list(b[q].values()), atol=1e-6)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+    max_leaves=6,
+)
+
+
+@pytest.fixture(scope="module")
+def saved_router(setup, tmp_path_factory):
+    enc, _, index, domains = setup
+    insts, _ = instances(enc, index, domains, ["titles", "crops"], [BASE, "alpha"], [])
+    folder = tmp_path_factory.mktemp("saved") / "rr"
+    RouterRetriever(enc, build_pilots(insts, [BASE, "alpha"]), alpha=0.5).save(folder)
+    return folder
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_any_router_json_loads_or_names_its_file(saved_router, data):
+    """A saved router is a user's file (``evaluate --router``, ``serve --router``): whatever its
+    router.json holds, loading gives a router or a ModelError naming the file at fault (the
+    manifest, or an expert that does not fit the base model it names), never a crash."""
+    manifest = saved_router / "router.json"
+    good = manifest.read_text()
+    saved = json.loads(good)
+    key = data.draw(st.sampled_from([*saved, "bm25", "extra"]), label="key")
+    edit = data.draw(st.sampled_from(["replace", "delete", "nest"]), label="edit")
+    if edit == "delete":
+        saved.pop(key, None)
+    elif edit == "nest" and isinstance(saved.get(key), dict) and saved[key]:
+        inner = data.draw(st.sampled_from(sorted(saved[key])), label="inner")
+        saved[key][inner] = data.draw(json_values, label="value")
+    else:
+        saved[key] = data.draw(json_values, label="value")
+    try:
+        manifest.write_text(json.dumps(saved))
+        try:
+            RouterRetriever.load(saved_router)
+        except ModelError as e:
+            assert str(saved_router) in str(e) and len(str(e)) < 800
+    finally:
+        manifest.write_text(good)
 
 
 def test_a_saved_router_with_a_bad_fusion_setting_names_its_file(setup, tmp_path):

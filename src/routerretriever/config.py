@@ -1,10 +1,16 @@
 """Settings of an expert: its LoRA shape and its training. Plain dataclasses that check
-themselves (importing them loads no model library, so the command line starts fast)."""
+themselves (importing them loads no model library, so the command line starts fast), and the
+checks that read such settings from a user's TOML or JSON: every key known, every value typed.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import types
+import typing
+from dataclasses import dataclass, fields
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+S = TypeVar("S")
 
 
 @dataclass
@@ -70,3 +76,58 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+def fits(value: Any, tp: Any) -> bool:
+    """Whether a TOML or JSON value fits a type annotation (ints pass as floats; bools pass
+    only as bools)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return True
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return any(fits(value, a) for a in get_args(tp))
+    if origin in (list, tuple):
+        return isinstance(value, list) and all(fits(v, get_args(tp)[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def settings_from(cls: type[S], table: Any, where: str) -> S:
+    """``cls(**table)`` with every key known and every value of its field's type."""
+    if not isinstance(table, dict):
+        raise ValueError(f"{where} must be a table of settings")
+    hints = typing.get_type_hints(cls)
+    check_table(table, {f.name: hints[f.name] for f in fields(cls)}, where)  # type: ignore[arg-type]
+    try:
+        return cls(**table)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def check_table(
+    table: dict[str, Any], types: dict[str, Any], where: str, strict: bool = True
+) -> None:
+    """Every key of ``table`` of its type (and, if ``strict``, known), else an error naming
+    ``where`` that shows at most the first 40 characters of a bad value."""
+    bad = sorted(set(table) - set(types))
+    if bad and strict:
+        raise ValueError(f"{where}: unknown keys {bad}; known: {sorted(types)}")
+    for name, value in table.items():
+        if name in types and not fits(value, types[name]):
+            shown = repr(value)[:40]
+            raise ValueError(f"{where}: {name} must be of type {_name(types[name])}, got {shown}")
+
+
+def _name(tp: Any) -> str:
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")

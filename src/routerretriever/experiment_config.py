@@ -7,56 +7,16 @@ the table, raised before anything runs; nothing falls back to a default silently
 from __future__ import annotations
 
 import tomllib
-import types
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Any
 
-from routerretriever.config import TrainConfig
+from routerretriever.config import TrainConfig, check_table, settings_from
 from routerretriever.errors import DataError
 from routerretriever.fusion import NORMALISATIONS, Normalisation
 from routerretriever.lexical import BM25Config
 from routerretriever.pseudo import PseudoQueryConfig
 from routerretriever.runtime import BACKENDS, Backend
-
-S = TypeVar("S")
-
-
-def _is(value: Any, tp: Any) -> bool:
-    """Whether a TOML value fits a field's annotation (ints pass as floats, bools as nothing else)."""
-    origin = get_origin(tp)
-    if tp is Any:
-        return True
-    if origin is Literal:
-        return any(value == a and type(value) is type(a) for a in get_args(tp))
-    if origin in (Union, types.UnionType):
-        return any(_is(value, a) for a in get_args(tp))
-    if origin in (list, tuple):
-        return isinstance(value, list) and all(_is(v, get_args(tp)[0]) for v in value)
-    if origin is dict:
-        return isinstance(value, dict)
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, tp)
-
-
-def _settings(cls: type[S], table: Any, where: str) -> S:
-    """``cls(**table)`` with every key known and every value of its field's type."""
-    if not isinstance(table, dict):
-        raise ValueError(f"{where} must be a table of settings")
-    hints = typing.get_type_hints(cls)
-    _check(table, {f.name: hints[f.name] for f in fields(cls)}, where)  # type: ignore[arg-type]
-    try:
-        return cls(**table)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: {e}") from None
 
 
 @dataclass
@@ -101,21 +61,6 @@ DOMAIN_KEYS: dict[str, Any] = {
 }
 
 
-def _check(table: dict[str, Any], types: dict[str, Any], where: str) -> None:
-    """Every key of ``table`` known and of its type, else an error naming ``where``."""
-    bad = sorted(set(table) - set(types))
-    if bad:
-        raise ValueError(f"{where}: unknown keys {bad}; known: {sorted(types)}")
-    for name, value in table.items():
-        if not _is(value, types[name]):
-            shown = repr(value)[:40]
-            raise ValueError(f"{where}: {name} must be of type {_name(types[name])}, got {shown}")
-
-
-def _name(tp: Any) -> str:
-    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
-
-
 @dataclass
 class ExperimentConfig:
     """What ``routerretriever experiment CONFIG`` runs (see ``experiments/paper.toml``)."""
@@ -146,7 +91,7 @@ class ExperimentConfig:
             raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ValueError(f"{path}: not valid TOML ({e})") from None
-        _check(raw, RAW_KEYS, str(path))
+        check_table(raw, RAW_KEYS, str(path))
         here = path.parent
         root = (here / raw.get("data_root", ".")).resolve()
         domains = []
@@ -154,7 +99,7 @@ class ExperimentConfig:
             where = f"{path}: [[domains]] number {i + 1}"
             if not isinstance(d, dict) or not {"name", "path"} <= set(d):
                 raise ValueError(f"{where} needs a name and a path")
-            _check(d, DOMAIN_KEYS, where)
+            check_table(d, DOMAIN_KEYS, where)
             where = f"{path}: domain {d['name'][:40]!r}"
             hold_out = d.get("hold_out", 0)
             if hold_out < 0:
@@ -163,7 +108,7 @@ class ExperimentConfig:
             if hold_out and train in ("corpus", "none"):
                 raise ValueError(f"{where}: hold_out needs labelled training queries")
             overrides = d.get("overrides", {})
-            _settings(TrainConfig, overrides, f"{where} overrides")
+            settings_from(TrainConfig, overrides, f"{where} overrides")
             domains.append(DomainSpec(d["name"], root / d["path"], train, overrides, hold_out))
         if not domains:
             raise ValueError(f"{path}: no [[domains]]")
@@ -190,15 +135,15 @@ class ExperimentConfig:
             results=(here / raw.get("results", "runs/results")).resolve(),
             cache_dir=None if cache_dir is None else (here / cache_dir).resolve(),
             test_split=raw.get("test_split", "test"),
-            train=_settings(TrainConfig, raw.get("train", {}), f"{path}: [train]"),
-            pseudo=_settings(PseudoQueryConfig, raw.get("pseudo", {}), f"{path}: [pseudo]"),
+            train=settings_from(TrainConfig, raw.get("train", {}), f"{path}: [train]"),
+            pseudo=settings_from(PseudoQueryConfig, raw.get("pseudo", {}), f"{path}: [pseudo]"),
             max_instances=raw.get("max_instances", 300),
             classifier_instances=raw.get("classifier_instances", 100),
             seed=raw.get("seed", 0),
             batch_size=raw.get("batch_size", 32),
             routing_layers=list(raw.get("routing_layers", [])),
             routing_bf16=raw.get("routing_bf16", False),
-            bm25=_settings(BM25Config, raw.get("bm25", {}), f"{path}: [bm25]"),
+            bm25=settings_from(BM25Config, raw.get("bm25", {}), f"{path}: [bm25]"),
             multitask=raw.get("multitask", True),
             backend=backend,
             normalisations=list(dict.fromkeys(norms)),

@@ -16,8 +16,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from routerretriever.config import check_table, settings_from
 from routerretriever.data import BeirDataset, Corpus, Document, Run
-from routerretriever.encoder import BASE, Encoder, has_fast_bfloat16
+from routerretriever.encoder import BASE, Encoder, EncoderSettings, has_fast_bfloat16
 from routerretriever.errors import ModelError
 from routerretriever.evaluation import DEFAULT_METRICS, EvalResult, evaluate, parse_metric
 from routerretriever.files import atomic_dir, default_cache_dir
@@ -145,6 +146,23 @@ def evaluate_retriever(
     retriever.index_corpus(dataset.corpus)
     run = retriever.search(dataset.queries, k=depth)
     return evaluate(dataset.qrels, run, metrics)
+
+
+#: the types of ``router.json``'s keys (other keys, from later versions, are left alone)
+MANIFEST_TYPES: dict[str, Any] = {
+    "version": int,
+    "routerretriever": str,
+    "policy": dict[str, Any] | None,
+    "alpha": float,
+    "normalise": str,
+    "bm25": dict[str, Any],
+    "routing_precision": str,
+    "base_model": str,
+    "base_fingerprint": str,
+    "encoder_settings": dict[str, Any],
+    "experts": list[str],
+    "rule": str,
+}
 
 
 class RouterRetriever(DenseRetriever):
@@ -380,7 +398,7 @@ class RouterRetriever(DenseRetriever):
             out = {
                 "alpha": float(manifest.get("alpha", 1.0)),
                 "normalise": normalise,
-                "bm25": BM25Config(**manifest.get("bm25", {})),
+                "bm25": settings_from(BM25Config, manifest.get("bm25", {}), "bm25"),
                 "rule": str(policy.get("rule", "weighted")),
                 "base_mix": float(policy.get("base_mix", 0.0)),
                 "decline": [str(n) for n in policy.get("decline", [])],
@@ -400,7 +418,7 @@ class RouterRetriever(DenseRetriever):
         cls, path: str | Path, base_model: str | None = None, **kwargs: Any
     ) -> RouterRetriever:
         """Inverse of :meth:`save`; ``base_model`` overrides the saved base model location."""
-        from routerretriever.experts import load_expert
+        from routerretriever.experts import check_name, load_expert
 
         path = Path(path)
         manifest_file = path / "router.json"
@@ -408,22 +426,27 @@ class RouterRetriever(DenseRetriever):
             raise ModelError(f"{path}: no router.json; not a saved RouterRetriever")
         try:
             manifest = json.loads(manifest_file.read_text())
-            settings = manifest["encoder_settings"]
+            if not isinstance(manifest, dict):
+                raise ValueError("not a JSON object")
+            check_table(manifest, MANIFEST_TYPES, "router.json", strict=False)
+            settings = asdict(
+                settings_from(EncoderSettings, manifest["encoder_settings"], "encoder_settings")
+            )
             saved = manifest["base_model"]
-            experts = list(manifest["experts"])
+            experts = [check_name(name) for name in manifest["experts"]]
             policy_spec = manifest.get("policy") or {  # version 1: pilots and a rule
                 "kind": "pilots",
                 "rule": manifest["rule"],
                 "base_mix": 0.0,
             }
             policy = load_policy(path, policy_spec)
-            bm25 = BM25Config(**manifest.get("bm25", {}))
+            bm25 = settings_from(BM25Config, manifest.get("bm25", {}), "bm25")
             normalise = manifest.get("normalise", "minmax")  # before it was saved: min-max
             if normalise not in NORMALISATIONS:
                 raise ValueError(f"normalise must be one of {list(NORMALISATIONS)}")
-        except (ValueError, KeyError, TypeError, OSError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
             raise ModelError(f"{manifest_file}: cannot read the saved router ({e})") from None
-        if base_model is None and not Path(saved).is_dir():
+        if base_model is None and not (saved and Path(saved).is_dir()):
             saved = None  # e.g. saved on another machine: fall back to the packaged default
         encoder = Encoder.load(base_model or saved, **settings)
         for name in experts:
@@ -431,7 +454,10 @@ class RouterRetriever(DenseRetriever):
         kwargs.setdefault("routing_precision", manifest.get("routing_precision", "auto"))
         kwargs.setdefault("alpha", float(manifest.get("alpha", 1.0)))
         kwargs.setdefault("normalise", normalise)
-        return cls(encoder, policy=policy, bm25=bm25, **kwargs)
+        try:
+            return cls(encoder, policy=policy, bm25=bm25, **kwargs)
+        except ValueError as e:  # a saved alpha or routing precision out of range
+            raise ModelError(f"{manifest_file}: cannot use the saved router ({e})") from None
 
 
 def per_query_ndcg(
