@@ -58,6 +58,68 @@ def test_save_load_round_trip(tmp_path):
     np.testing.assert_array_equal(back.embeddings, lib.embeddings)
 
 
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_any_pilots_json_loads_or_names_its_folder(data):
+    """A pilot library is a user's folder (``router build``, a saved router): whatever its
+    pilots.json holds, it loads or gives a ModelError naming the folder."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from routerretriever.errors import ModelError
+
+    lib = build_pilots([inst("a", [[1, 0], [0, 1]], A=[1, 0], B=[0, 1])], ["A", "B"])
+    with tempfile.TemporaryDirectory() as d:
+        lib.save(d)
+        manifest = json.loads((Path(d) / "pilots.json").read_text())
+        key = data.draw(st.sampled_from([*manifest, "extra"]))
+        if key == "pilots" and data.draw(st.booleans()):  # one field of one pilot
+            field = data.draw(st.sampled_from(["expert", "domain", "size", "cluster", "x"]))
+            manifest["pilots"][0][field] = data.draw(json_values)
+        elif data.draw(st.booleans()):
+            manifest.pop(key, None)
+        else:
+            manifest[key] = data.draw(json_values)
+        (Path(d) / "pilots.json").write_text(json.dumps(manifest))
+        try:
+            back = PilotLibrary.load(d)
+        except ModelError as e:
+            assert str(e).startswith(d) and len(str(e)) < 800
+            return
+        assert len(back) == len(back.embeddings) and set(p.expert for p in back.pilots) <= set(
+            back.experts
+        )
+
+
+def test_damaged_pilot_embeddings_are_named(tmp_path):
+    from safetensors.numpy import save_file
+
+    from routerretriever.errors import ModelError
+
+    lib = build_pilots([inst("a", [[1, 0], [0, 1]], A=[1, 0], B=[0, 1])], ["A", "B"])
+    lib.save(tmp_path)
+    emb = tmp_path / "pilots.safetensors"
+    good = emb.read_bytes()
+    emb.write_bytes(good[: len(good) // 2])  # cut short, as by a full disk
+    with pytest.raises(ModelError, match="cannot read pilots.safetensors"):
+        PilotLibrary.load(tmp_path)
+    for bad in (np.ones((3, 2)), np.ones(2), np.array([[np.nan, 0], [0, 1]])):
+        save_file({"embeddings": bad.astype(np.float32)}, str(emb))
+        with pytest.raises(ModelError, match="2 pilots in pilots.json but embeddings of shape"):
+            PilotLibrary.load(tmp_path)
+    save_file({"other": np.ones((2, 2), dtype=np.float32)}, str(emb))
+    with pytest.raises(ModelError, match="cannot read pilots.safetensors"):
+        PilotLibrary.load(tmp_path)
+
+
 def test_routing_rules():
     # Expert A wins 8 instances of domain a (near x) and 1 noisy instance of domain b (near y);
     # expert B wins 3 instances of domain b, in between.

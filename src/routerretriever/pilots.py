@@ -20,9 +20,12 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from routerretriever.config import check_table, settings_from
+from routerretriever.errors import ModelError
 from routerretriever.files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -60,6 +63,16 @@ class Pilot:
     domain: str
     size: int
     cluster: int = 0
+
+
+#: the types of ``pilots.json``'s keys
+MANIFEST_TYPES: dict[str, Any] = {
+    "experts": list[str],
+    "pilots": list[dict[str, Any]],
+    "dropped": dict[str, int],
+    "layers": int | None,
+    "version": int,
+}
 
 
 @dataclass
@@ -102,24 +115,31 @@ class PilotLibrary:
 
     @classmethod
     def load(cls, folder: str | Path) -> PilotLibrary:
-        """Inverse of :meth:`save`."""
+        """Inverse of :meth:`save`; a library that does not read back whole is a ModelError."""
         from safetensors.numpy import load_file
 
         folder = Path(folder)
-        manifest = json.loads((folder / "pilots.json").read_text())
-        emb = load_file(str(folder / "pilots.safetensors"))["embeddings"]
-        pilots = [Pilot(**p) for p in manifest["pilots"]]
-        if len(pilots) != len(emb):
-            raise ValueError(
-                f"{folder}: {len(pilots)} pilots in pilots.json, {len(emb)} embeddings"
+        try:
+            manifest = json.loads((folder / "pilots.json").read_text())
+            if not isinstance(manifest, dict):
+                raise ValueError("pilots.json is not a JSON object")
+            check_table(manifest, MANIFEST_TYPES, "pilots.json")
+            pilots = [settings_from(Pilot, p, "a pilot") for p in manifest["pilots"]]
+            experts = manifest["experts"]
+            if not {p.expert for p in pilots} <= set(experts):
+                raise ValueError("a pilot names an expert that pilots.json does not list")
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelError(f"{folder}: cannot read the pilot library ({e})") from None
+        try:
+            emb = load_file(str(folder / "pilots.safetensors"))["embeddings"]
+        except Exception as e:  # safetensors' own error type, a missing tensor, a missing file
+            raise ModelError(f"{folder}: cannot read pilots.safetensors ({e})") from None
+        if emb.ndim != 2 or len(emb) != len(pilots) or not np.isfinite(emb).all():
+            raise ModelError(
+                f"{folder}: {len(pilots)} pilots in pilots.json but embeddings of shape "
+                f"{emb.shape}{'' if np.isfinite(emb).all() else ' with NaN or infinite values'}"
             )
-        return cls(
-            manifest["experts"],
-            pilots,
-            emb,
-            manifest.get("dropped", {}),
-            manifest.get("layers"),
-        )
+        return cls(experts, pilots, emb, manifest.get("dropped", {}), manifest.get("layers"))
 
 
 def best_experts(inst: DomainInstances, experts: Sequence[str]) -> np.ndarray:
