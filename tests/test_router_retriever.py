@@ -349,6 +349,16 @@ def test_save_load_round_trip_with_neighbours_and_bm25(setup, tmp_path):
         np.testing.assert_allclose(list(a[q].values()), list(b[q].values()), atol=1e-6)
 
 
+def test_a_damaged_neighbour_policy_is_named(setup, tmp_path):
+    enc, _, index, domains = setup
+    policy = neighbour_policy(enc, index, domains, [BASE, "alpha"], top=1)
+    RouterRetriever(enc, policy=policy).save(tmp_path / "rr")
+    arrays = tmp_path / "rr" / "neighbours.safetensors"
+    arrays.write_bytes(arrays.read_bytes()[:100])  # cut short
+    with pytest.raises(ModelError, match="cannot read neighbours.safetensors"):
+        RouterRetriever.load(tmp_path / "rr")
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from routerretriever.errors import ModelError
 from routerretriever.files import atomic_write
 from routerretriever.pilots import PilotLibrary
 from routerretriever.router import RULES, Rule, expected_scores, expert_scores
@@ -214,7 +215,10 @@ def load_policy(folder: Path, spec: dict[str, Any]) -> PilotPolicy | NeighbourPo
     if kind == "neighbours":
         from safetensors.numpy import load_file
 
-        arrays = load_file(str(folder / "neighbours.safetensors"))
+        try:
+            arrays = load_file(str(folder / "neighbours.safetensors"))
+        except Exception as e:  # safetensors' own error type, or a missing file
+            raise ModelError(f"{folder}: cannot read neighbours.safetensors ({e})") from None
         return NeighbourPolicy(
             list(spec["members"]),
             arrays["embeddings"],
