@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from routerretriever import Encoder, ModelError
@@ -122,6 +122,66 @@ def test_pickled_adapter_refused(trained, tmp_path):
     )
     with pytest.raises(ModelError, match="contains pickle files"):
         check_folder(bad)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_any_expert_metadata_loads_or_names_its_folder(trained, tiny_encoder, data):
+    """An expert folder is a user's (``experts add``, a saved router): whatever its two JSON
+    files hold, loading gives an expert or a ModelError naming the folder."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    _, store, _ = trained
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(d) / "x"
+        shutil.copytree(store / "alpha", folder)
+        name = data.draw(st.sampled_from(["expert.json", "adapter_config.json"]))
+        raw = json.loads((folder / name).read_text())
+        key = data.draw(st.sampled_from([*raw, "extra"]))
+        edit = data.draw(st.sampled_from(["replace", "delete", "whole file"]))
+        if edit == "whole file":
+            raw = data.draw(json_values)
+        elif edit == "delete":
+            raw.pop(key, None)
+        else:
+            raw[key] = data.draw(json_values)
+        (folder / name).write_text(json.dumps(raw))
+        try:
+            load_expert(tiny_encoder, folder, "fuzzed")
+        except ModelError as e:
+            assert str(folder) in str(e) and len(str(e)) < 1000
+        finally:
+            if "fuzzed" in tiny_encoder.experts:
+                tiny_encoder.remove_adapter("fuzzed")
+
+
+def test_adapter_weights_that_do_not_fit_are_named(trained, tiny_encoder, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, store, _ = trained
+    folder = tmp_path / "x"
+    folder.mkdir()
+    for f in (store / "alpha").iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    key = next(k for k in weights if ".lora_A." in k)
+    for bad in (weights[key][:, :-1], weights[key].clone().fill_(float("nan"))):
+        save_file({**weights, key: bad.contiguous()}, str(folder / "adapter_model.safetensors"))
+        with pytest.raises(ModelError, match="does not fit the layer .*or holds NaN"):
+            load_expert(tiny_encoder, folder, "misfit")
+    (folder / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(ModelError, match="cannot read adapter_model.safetensors"):
+        load_expert(tiny_encoder, folder, "misfit")
+    assert "misfit" not in tiny_encoder.experts
 
 
 def test_list_experts(trained):

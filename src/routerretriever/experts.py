@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from routerretriever.config import check_table
 from routerretriever.encoder import BASE, Encoder
 from routerretriever.errors import ModelError
 from routerretriever.files import atomic_dir, recover_dir
@@ -49,9 +51,12 @@ class ExpertInfo:
             raise ModelError(f"{folder}: no {METADATA}; not an expert folder")
         try:
             raw = json.loads(path.read_text())
+            if not isinstance(raw, dict):
+                raise ValueError("not a JSON object")
             known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
+            check_table(known, typing.get_type_hints(cls), "it")  # other keys: left alone
             return cls(**known)
-        except (json.JSONDecodeError, TypeError) as e:
+        except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
             raise ModelError(f"{path}: unreadable expert metadata ({e})") from None
 
 

@@ -19,6 +19,7 @@ from typing import Any, cast
 
 import torch
 
+from routerretriever.config import check_table
 from routerretriever.errors import ModelError
 
 Factors = dict[
@@ -45,7 +46,15 @@ def read_adapter(folder: str | os.PathLike[str], model: torch.nn.Module) -> Adap
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    cfg = json.loads((folder / "adapter_config.json").read_text())
+    try:
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+        check_table(cfg, {"r": int, "lora_alpha": float, "peft_type": str}, "it", strict=False)
+        if not (cfg.get("r", 0) >= 1 and cfg.get("lora_alpha", 0) > 0):
+            raise ValueError("r must be a positive integer and lora_alpha a positive number")
+    except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise ModelError(f"{folder}: unreadable adapter_config.json ({e})") from None
     unsupported = [k for k in ("use_dora", "use_rslora", "fan_in_fan_out") if cfg.get(k)]
     unsupported += [k for k in ("rank_pattern", "alpha_pattern") if cfg.get(k)]
     if cfg.get("peft_type", "LORA") != "LORA" or unsupported:
@@ -53,7 +62,10 @@ def read_adapter(folder: str | os.PathLike[str], model: torch.nn.Module) -> Adap
             f"{folder}: unsupported adapter settings {unsupported or cfg.get('peft_type')}"
         )
     scale = float(cfg["lora_alpha"]) / float(cfg["r"])
-    weights = load_file(str(folder / "adapter_model.safetensors"))
+    try:
+        weights = load_file(str(folder / "adapter_model.safetensors"))
+    except Exception as e:  # safetensors' own error type, or a missing file
+        raise ModelError(f"{folder}: cannot read adapter_model.safetensors ({e})") from None
     params = dict(model.named_parameters())
     merged: dict[str, torch.Tensor] = {}
     factors: Factors = {}
@@ -65,6 +77,17 @@ def read_adapter(folder: str | os.PathLike[str], model: torch.nn.Module) -> Adap
         if b is None or target not in params:
             raise ModelError(f"{folder}: adapter weight {key!r} matches no base-model layer")
         w = params[target].detach()
+        if not (
+            a.ndim == b.ndim == 2
+            and a.shape[1] == w.shape[1]
+            and b.shape == (w.shape[0], a.shape[0])
+            and bool(torch.isfinite(a).all() and torch.isfinite(b).all())
+        ):
+            raise ModelError(
+                f"{folder}: adapter weight {key!r} of shape {tuple(a.shape)} (B: "
+                f"{tuple(b.shape)}) does not fit the layer "
+                f"{tuple(w.shape)}, or holds NaN or infinite values"
+            )
         a, b = a.to(w.dtype).to(w.device), (scale * b).to(w.dtype).to(w.device)
         merged[target] = w + b @ a  # (out, in)
         factors[target.removesuffix(".weight")] = (a, b)  # (r, in), (out, r)
