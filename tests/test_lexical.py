@@ -322,3 +322,28 @@ def test_feedback_is_the_same_whichever_process_built_the_index(tmp_path):
     assert there._model.vocab_dict != here._model.vocab_dict  # numbered differently ...
     for query in ds.queries.values():  # ... and scored the same
         np.testing.assert_allclose(there.scores(query), here.scores(query), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda f: (f / "routerretriever-bm25.json").write_text('{"version": 2, "config": []}'),
+        lambda f: (f / "routerretriever-bm25.json").write_text(
+            '{"version": 2, "config": {"k1": 1.5, "from_a_newer_version": 1}}'
+        ),
+        lambda f: (f / "routerretriever-bm25.json").write_text("[2]"),
+        lambda f: (f / "ids.json").write_text('{"d1": 1}'),
+        lambda f: (f / "doc_counts.npy").write_bytes((f / "doc_counts.npy").read_bytes()[:20]),
+        lambda f: (f / "data.csc.index.npy").write_bytes(b"\x93NUMPY garbage"),
+    ],
+)
+def test_a_damaged_cached_index_is_rebuilt_not_trusted(tmp_path, damage):
+    BM25Index.cached(CORPUS, FEEDBACK, cache_dir=tmp_path)
+    (folder,) = (tmp_path / "bm25").iterdir()
+    damage(folder)
+    with pytest.raises((ValueError, OSError)):
+        BM25Index.load(folder)
+    index = BM25Index.cached(CORPUS, FEEDBACK, cache_dir=tmp_path)  # rebuilt, with a warning
+    fresh = BM25Index.build(CORPUS, FEEDBACK)
+    for query in ("heart cholesterol", "wings"):
+        np.testing.assert_allclose(index.scores(query), fresh.scores(query), rtol=1e-6)

@@ -30,6 +30,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from routerretriever.config import settings_from
 from routerretriever.data import Corpus
 from routerretriever.files import atomic_dir, default_cache_dir
 from routerretriever.index import Hits
@@ -224,15 +225,23 @@ class BM25Index:
         manifest_file = folder / "routerretriever-bm25.json"
         if not manifest_file.is_file():
             raise ValueError(f"{folder}: not a saved BM25 index (no {manifest_file.name})")
-        manifest = json.loads(manifest_file.read_text())
-        if manifest.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{folder}: BM25 index format {manifest.get('version')!r} unknown")
-        config = BM25Config(**manifest["config"])
-        ids = json.loads((folder / "ids.json").read_text())
-        model = bm25s.BM25.load(str(folder), mmap=mmap, show_progress=False)
+        try:
+            manifest = json.loads(manifest_file.read_text())
+            version = manifest.get("version") if isinstance(manifest, dict) else None
+            if version != FORMAT_VERSION:
+                raise ValueError(f"BM25 index format {str(version)[:20]} unknown")
+            config = settings_from(BM25Config, manifest.get("config"), "its config")
+            ids = json.loads((folder / "ids.json").read_text())
+            if not (isinstance(ids, list) and all(isinstance(d, str) for d in ids)):
+                raise ValueError("ids.json is not a list of document ids")
+            model = bm25s.BM25.load(str(folder), mmap=mmap, show_progress=False)
+            doc_terms = DocTerms.load(folder, mmap)
+        except OSError:
+            raise
+        except Exception as e:  # bm25s's and numpy's own errors on damaged arrays too
+            raise ValueError(f"{folder}: cannot read the BM25 index ({e})") from None
         if model.scores["num_docs"] != len(ids):
             raise ValueError(f"{folder}: {len(ids)} ids but {model.scores['num_docs']} documents")
-        doc_terms = DocTerms.load(folder, mmap)
         if len(doc_terms) != len(ids):
             raise ValueError(f"{folder}: {len(ids)} ids but {len(doc_terms)} word counts")
         return cls(ids, model, config, doc_terms)
