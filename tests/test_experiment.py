@@ -155,6 +155,8 @@ train = "corpus"
         ("data_root = []", r"x\.toml: data_root must be of type str, got \[\]"),
         ('routing_layers = [1, "2"]', r"routing_layers must be of type list\[int\]"),
         ("batch_size = 0", r"x\.toml: batch_size must be a positive integer"),
+        ('data_root = "a\\u0000b"', r"x\.toml: data_root is not a usable path"),
+        ('store = "a\\u0000b"', r"x\.toml: store is not a usable path"),
     ],
 )
 def test_a_bad_settings_table_names_the_file_and_table(tmp_path, table, message):

@@ -116,17 +116,19 @@ def settings_from(cls: type[S], table: Any, where: str) -> S:
 
 
 def check_table(
-    table: dict[str, Any], types: dict[str, Any], where: str, strict: bool = True
+    table: dict[str, Any], expected: dict[str, Any], where: str, strict: bool = True
 ) -> None:
-    """Every key of ``table`` of its type (and, if ``strict``, known), else an error naming
-    ``where`` that shows at most the first 40 characters of a bad value."""
-    bad = sorted(set(table) - set(types))
+    """Every key of ``table`` of its ``expected`` type (and, if ``strict``, known), else an
+    error naming ``where`` that shows at most the first 40 characters of a bad value."""
+    bad = sorted(set(table) - set(expected))
     if bad and strict:
-        raise ValueError(f"{where}: unknown keys {bad}; known: {sorted(types)}")
+        raise ValueError(f"{where}: unknown keys {bad}; known: {sorted(expected)}")
     for name, value in table.items():
-        if name in types and not fits(value, types[name]):
+        if name in expected and not fits(value, expected[name]):
             shown = repr(value)[:40]
-            raise ValueError(f"{where}: {name} must be of type {_name(types[name])}, got {shown}")
+            raise ValueError(
+                f"{where}: {name} must be of type {_name(expected[name])}, got {shown}"
+            )
 
 
 def _name(tp: Any) -> str:

@@ -93,7 +93,14 @@ class ExperimentConfig:
             raise ValueError(f"{path}: not valid TOML ({e})") from None
         check_table(raw, RAW_KEYS, str(path))
         here = path.parent
-        root = (here / raw.get("data_root", ".")).resolve()
+
+        def resolve(value: str, key: str) -> Path:
+            try:
+                return (here / value).resolve()
+            except (ValueError, OSError) as e:  # a NUL byte, a loop of links
+                raise ValueError(f"{path}: {key} is not a usable path ({e})") from None
+
+        root = resolve(raw.get("data_root", "."), "data_root")
         domains = []
         for i, d in enumerate(raw.get("domains", [])):
             where = f"{path}: [[domains]] number {i + 1}"
@@ -109,7 +116,8 @@ class ExperimentConfig:
                 raise ValueError(f"{where}: hold_out needs labelled training queries")
             overrides = d.get("overrides", {})
             settings_from(TrainConfig, overrides, f"{where} overrides")
-            domains.append(DomainSpec(d["name"], root / d["path"], train, overrides, hold_out))
+            folder = resolve(str(root / d["path"]), f"domain {d['name'][:40]!r} path")
+            domains.append(DomainSpec(d["name"], folder, train, overrides, hold_out))
         if not domains:
             raise ValueError(f"{path}: no [[domains]]")
         backend = raw.get("backend", "auto")
@@ -131,9 +139,9 @@ class ExperimentConfig:
         cache_dir = raw.get("cache_dir")
         return cls(
             domains=domains,
-            store=(here / raw.get("store", "runs/experts")).resolve(),
-            results=(here / raw.get("results", "runs/results")).resolve(),
-            cache_dir=None if cache_dir is None else (here / cache_dir).resolve(),
+            store=resolve(raw.get("store", "runs/experts"), "store"),
+            results=resolve(raw.get("results", "runs/results"), "results"),
+            cache_dir=None if cache_dir is None else resolve(cache_dir, "cache_dir"),
             test_split=raw.get("test_split", "test"),
             train=settings_from(TrainConfig, raw.get("train", {}), f"{path}: [train]"),
             pseudo=settings_from(PseudoQueryConfig, raw.get("pseudo", {}), f"{path}: [pseudo]"),

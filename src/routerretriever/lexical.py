@@ -301,7 +301,7 @@ class BM25Index:
     def _word_of_id(self) -> dict[int, str]:
         return {i: w for w, i in self._model.vocab_dict.items()}
 
-    def expansion(self, scores: np.ndarray) -> dict[int, float]:
+    def _expansion(self, scores: np.ndarray) -> dict[int, float]:
         """The feedback words (token id to ``p(w|F)``, renormalised over those kept) drawn
         from the best documents of ``scores`` (positive ones only; ties by corpus order)."""
         cfg = self.config
@@ -324,7 +324,7 @@ class BM25Index:
     def _expand(self, scores: np.ndarray, first: np.ndarray, n_tokens: int) -> np.ndarray:
         """``(1 - w) * scores / n_tokens + w * sum_t p(t|F) * bm25(t)``, the feedback drawn
         from ``first``: the query's words share ``1 - w`` of the weight by their counts."""
-        extra = self.expansion(first)
+        extra = self._expansion(first)
         if not extra:
             return scores
         w = self.config.feedback_weight
