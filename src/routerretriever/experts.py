@@ -54,7 +54,7 @@ class ExpertInfo:
             if not isinstance(raw, dict):
                 raise ValueError("not a JSON object")
             known = {k: raw[k] for k in cls.__dataclass_fields__ if k in raw}
-            check_table(known, typing.get_type_hints(cls), "it")  # other keys: left alone
+            check_table(known, typing.get_type_hints(cls), "a field")  # other keys: left alone
             return cls(**known)
         except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
             raise ModelError(f"{path}: unreadable expert metadata ({e})") from None

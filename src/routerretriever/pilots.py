@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +123,12 @@ class PilotLibrary:
             manifest = json.loads((folder / "pilots.json").read_text())
             if not isinstance(manifest, dict):
                 raise ValueError("pilots.json is not a JSON object")
-            check_table(manifest, MANIFEST_TYPES, "pilots.json")
-            pilots = [settings_from(Pilot, p, "a pilot") for p in manifest["pilots"]]
+            check_table(manifest, MANIFEST_TYPES, "pilots.json", strict=False)  # newer keys: kept
+            known = {f.name for f in fields(Pilot)}
+            pilots = [
+                settings_from(Pilot, {k: v for k, v in p.items() if k in known}, "a pilot")
+                for p in manifest["pilots"]
+            ]
             experts = manifest["experts"]
             if not {p.expert for p in pilots} <= set(experts):
                 raise ValueError("a pilot names an expert that pilots.json does not list")
