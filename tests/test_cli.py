@@ -69,6 +69,8 @@ def test_train_expert_list_and_evaluate_with_it(tiny, tmp_path, capsys, caplog):
         "8",
         "--model",
         str(tiny_model_path()),
+        "--backend",
+        "torch",
     ]
     import warnings
 
@@ -82,6 +84,8 @@ def test_train_expert_list_and_evaluate_with_it(tiny, tmp_path, capsys, caplog):
     assert (store / "tiny" / "adapter_model.safetensors").is_file()
     assert main(["experts", "list", str(store)]) == 0
     assert "| tiny " in capsys.readouterr().out
+    assert main(["experts", "show", str(store), "tiny"]) == 0
+    assert "corpus by torch" in capsys.readouterr().out  # mined over the runtime asked for
     out = tmp_path / "e.json"
     assert (
         main(
@@ -352,8 +356,10 @@ def test_router_build_bundles_a_routed_model_that_evaluate_reads(trained, tmp_pa
         "--normalise",
         "zscore",
     ]
-    args += ["--alpha", "0.7"]
+    args += ["--alpha", "0.7", "--backend", "torch"]
     assert main([*args, *model]) == 0
+    cached = [f.name for f in (tmp_path / "c").rglob("*.npz")]
+    assert cached and not [n for n in cached if n.endswith(("-onnx.npz", "-bfloat16.npz"))]
     assert f"routed model -> {tmp_path / 'rr'}" in capsys.readouterr().out
     back = RouterRetriever.load(tmp_path / "rr")
     assert back.alpha == 0.7 and back.encoder.experts == ["alpha", "beta"]

@@ -90,7 +90,8 @@ def test_unknown_settings_are_named(tmp_path):
 @pytest.mark.slow
 def test_every_train_setting_in_the_toml_reaches_the_expert(tmp_path):
     """The experiment trains through the library: settings the CLI has no flag for (here
-    temperature, warmup_ratio, mine_depth, max_query_length) reach expert.json."""
+    temperature, warmup_ratio, mine_depth, max_query_length) and its corpus runtime reach
+    expert.json."""
     import json
 
     from routerretriever.experiment import ExperimentConfig, train_all
@@ -102,6 +103,7 @@ def test_every_train_setting_in_the_toml_reaches_the_expert(tmp_path):
 store = "store"
 results = "results"
 cache_dir = "cache"
+backend = "torch"
 [train]
 lr = 1e-3
 batch_size = 8
@@ -126,6 +128,7 @@ train = "corpus"
     tiny = json.loads((tmp_path / "store" / "tiny" / "expert.json").read_text())["training"]
     assert (tiny["temperature"], tiny["warmup_ratio"], tiny["mine_depth"]) == (0.07, 0.2, 9)
     assert tiny["max_query_length"] == 24
+    assert tiny["corpus_runtime"] == "torch"  # mined over the runtime the tables use
     multi = json.loads((tmp_path / "store" / "multitask" / "expert.json").read_text())["training"]
     assert multi["temperature"] == 0.07 and multi["max_steps"] == 4  # one domain: 1 x budget
     # multitask = false: the baseline is neither trained nor expected (the demo's setting).
@@ -255,3 +258,27 @@ def test_any_config_loads_or_names_its_file(raw):
             return
         assert cfg.domains and all(isinstance(d.name, str) for d in cfg.domains)
         assert isinstance(cfg.train, TrainConfig) and isinstance(cfg.bm25, BM25Config)
+
+
+@pytest.mark.parametrize("default", ["Base model + BM25 (α 0.4)", "RouterRetriever, gated"])
+def test_zero_shot_table_names_each_system_once(default):
+    """When dev picks base + BM25 itself as the default, its zero-shot row is not repeated."""
+    from routerretriever.report import _pool_section
+
+    scores = {"a": 0.5, "b": 0.4, "u": 0.3}
+    pool = {
+        "labelled_dev_domains": ["a"],
+        "family_choice": {},
+        "default": {"name": default, "average": 0.45, "zero_shot_average": 0.4},
+        "baselines": {},
+        "candidates": [],
+        "alpha_if_chosen_on_all_dev": {},
+        "base_fused": {"name": "Base model + BM25 (α 0.4)", "per_domain": scores},
+        "gates": [],
+        "growth": [],
+    }
+    pool["default"]["zero_shot"] = {k: v + 0.01 for k, v in scores.items()}
+    md = "\n".join(_pool_section(pool, ["a", "b"], ["u"]))
+    zero = md.split("### Zero-shot")[1].split("###")[0]
+    rows = [line.split(" | ")[0].strip("| ") for line in zero.splitlines() if line.startswith("| ")]
+    assert rows[1:] == sorted({"Base model + BM25 (α 0.4)", default}, key=lambda r: "Base" not in r)

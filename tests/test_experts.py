@@ -242,6 +242,21 @@ def test_training_is_seeded_without_touching_the_callers_random_state(encoder, t
     assert first.dev["history"][1:] == again.dev["history"][1:]  # losses and dev scores
 
 
+def test_training_mines_over_the_corpus_runtime_asked_for(encoder, tmp_path):
+    """An experiment pinned to the float32 reference trains on it too: before, training took
+    "auto" (bfloat16 on such CPUs), so the experts differed from the tables' runtime."""
+    from routerretriever.config import TrainConfig
+    from routerretriever.training import fit_expert, load_training_set
+    from tests.conftest import TINY
+
+    for backend in ("torch", "onnx"):
+        ts = load_training_set(encoder, TINY, from_corpus=True, cache_dir=tmp_path, backend=backend)
+        assert ts.doc_backend == backend
+    cfg = TrainConfig(max_steps=1, eval_every=1, batch_size=4)
+    info = fit_expert(encoder, [ts], "x", train=cfg, show_progress=False)[1]
+    assert info.training["corpus_runtime"] == "onnx"
+
+
 def test_a_dev_split_beyond_max_dev_is_kept_aside_unseen(encoder, tmp_path):
     """Queries of a dev split past ``max_dev`` are neither trained nor early-stopped on: the
     experiment scores its choices there, where its own stopping set would flatter the expert."""

@@ -347,3 +347,30 @@ def test_a_damaged_cached_index_is_rebuilt_not_trusted(tmp_path, damage):
     fresh = BM25Index.build(CORPUS, FEEDBACK)
     for query in ("heart cholesterol", "wings"):
         np.testing.assert_allclose(index.scores(query), fresh.scores(query), rtol=1e-6)
+
+
+def test_bm25s_debug_lines_follow_the_application_level(tmp_path):
+    """bm25s sets its logger to DEBUG on import; an application logging at WARNING must not
+    get its per-call debug lines (the demo printed them on every index build)."""
+    import logging
+
+    class Keep(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    root, keep = logging.getLogger(), Keep()
+    old = root.level
+    root.addHandler(keep)
+    root.setLevel(logging.WARNING)
+    try:
+        index = BM25Index.build(CORPUS)
+        index.save(tmp_path / "bm25")
+        BM25Index.load(tmp_path / "bm25").search(["heart"], k=2)
+    finally:
+        root.removeHandler(keep)
+        root.setLevel(old)
+    assert [r.getMessage() for r in keep.records if r.name.startswith("bm25s")] == []

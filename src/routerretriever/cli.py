@@ -13,7 +13,7 @@ from typing import Any
 
 from routerretriever.errors import RouterRetrieverError
 from routerretriever.experts_cli import add_experts_parser, warn_caveat
-from routerretriever.serve_cli import add_serve_parser, unit_float
+from routerretriever.serve_cli import add_backend_arg, add_serve_parser, unit_float
 from routerretriever.tables import format_table
 
 logger = logging.getLogger("routerretriever")
@@ -148,7 +148,13 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
         min_words=args.min_words,
         max_words=args.max_words,
     )
-    common = dict(dev_split=args.dev_split, cache_dir=args.cache_dir, seed=args.seed, pseudo=pseudo)
+    common = dict(
+        dev_split=args.dev_split,
+        cache_dir=args.cache_dir,
+        seed=args.seed,
+        pseudo=pseudo,
+        backend=args.backend,
+    )
     sets = [
         load_training_set(
             encoder,
@@ -194,7 +200,7 @@ def cmd_router_build(args: argparse.Namespace) -> int:
     print(
         f"scoring {len(args.expert)} experts on {len(domains)} domains' instances", file=sys.stderr
     )
-    pilots = build_pilot_library(encoder, domains, cache_dir=args.cache_dir)
+    pilots = build_pilot_library(encoder, domains, cache_dir=args.cache_dir, backend=args.backend)
     policy = PilotPolicy(pilots, args.rule, args.base_mix)
     rr = RouterRetriever(
         encoder, policy=policy, alpha=args.alpha, bm25=BM25Config(), normalise=args.normalise
@@ -296,14 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="corpus embedding cache (default: $ROUTERRETRIEVER_CACHE or ~/.cache/routerretriever)",
     )
     ev.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
-    ev.add_argument(
-        "--backend",
-        choices=["auto", "torch", "onnx", "bfloat16"],
-        default="auto",
-        help="the corpus side's runtime: auto (bfloat16 where the hardware does it natively, "
-        "else ONNX Runtime on a CPU where installed), torch (the exact float32 reference), "
-        "onnx or bfloat16 (default: auto)",
-    )
+    add_backend_arg(ev, "the corpus side's runtime")
     ev.add_argument(
         "--json",
         type=Path,
@@ -366,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--model", default=None, help="base model folder or hub id")
     tr.add_argument("--cache-dir", type=Path, default=None)
+    add_backend_arg(tr, "what embeds the corpus for hard negatives and early stopping")
     for flag, typ in (
         ("lr", float),
         ("batch_size", int),
@@ -439,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bu.add_argument("--model", default=None, help="base model folder or hub id")
     bu.add_argument("--cache-dir", type=Path, default=None)
+    add_backend_arg(bu, "what embeds each domain's corpus to score the instances")
     bu.set_defaults(func=cmd_router_build)
 
     da = sub.add_parser("data", help="fetch public BEIR collections (md5-checked)")

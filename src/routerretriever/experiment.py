@@ -54,7 +54,9 @@ def train_one(
     from routerretriever.training import train_expert
 
     if not logging.getLogger().handlers:  # a fresh (spawned) interpreter: as the parent logs
-        logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
+        # Other libraries' INFO (faiss's loader listing the builds it could not load) stays out.
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger("routerretriever").setLevel(log_level)
     hf_logging.disable_progress_bar()
 
     t = cfg.train
@@ -72,6 +74,7 @@ def train_one(
             cache_dir=cfg.cache_dir,
             seed=t.seed,
             hold_out=spec.hold_out,  # never trained on, by the multi-task LoRA either
+            backend=cfg.backend,  # mining and early stopping over the corpus the tables use
         )
         for spec in specs
     ]
@@ -233,6 +236,7 @@ class Experiment:
                     cache_dir=self.cfg.cache_dir,
                     seed=self.cfg.train.seed,
                     hold_out=spec.hold_out,
+                    backend=self.cfg.backend,
                 )
             ts = self._training_sets[spec.name]
             queries, qrels = (

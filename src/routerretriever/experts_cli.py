@@ -75,7 +75,8 @@ def cmd_experts_show(args: argparse.Namespace) -> int:
         "lora        " + ", ".join(f"{k} {v}" for k, v in info.lora.items()),
         f"training    lr {t.get('lr')}, batch {t.get('batch_size')}, best step "
         f"{t.get('best_step')} of {t.get('steps_run')} (max {t.get('max_steps')}), "
-        f"{info.seconds:.0f} s, peak RSS {info.peak_rss_mb:.0f} MB",
+        f"{info.seconds:.0f} s, peak RSS {info.peak_rss_mb:.0f} MB"
+        + (f", corpus by {t['corpus_runtime']}" if t.get("corpus_runtime") else ""),
         f"dev         nDCG@10 {d.get('ndcg@10', float('nan')):.4f} against the base model's "
         f"{d.get('base_ndcg@10', float('nan')):.4f} on {d.get('queries', '?')} queries",
     ]

@@ -31,6 +31,7 @@ from routerretriever.files import atomic_write, default_cache_dir
 from routerretriever.index import FaissIndex
 from routerretriever.pilots import DomainInstances, PilotLibrary, build_pilots
 from routerretriever.retriever import per_query_ndcg
+from routerretriever.runtime import Backend
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +87,10 @@ class InstanceScorer:
         max_instances: int = 300,
         seed: int = 0,
         batch_size: int = 32,
+        backend: Backend = "auto",
     ) -> None:
         self.encoder = encoder
+        self.backend: Backend = backend  # what embeds each domain's corpus
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.max_instances, self.seed, self.batch_size = max_instances, seed, batch_size
         self._sets: dict[str, InstanceSet] = {}
@@ -106,6 +109,7 @@ class InstanceScorer:
                 from_corpus=domain.split == "corpus",
                 cache_dir=self.cache_dir,
                 seed=self.seed,
+                backend=self.backend,
             )
             qids = sorted(q for q in ts.qrels if q in ts.queries)
             random.Random(self.seed).shuffle(qids)
@@ -174,7 +178,8 @@ def build_pilot_library(
 ) -> PilotLibrary:
     """Algorithm 1 from a loaded encoder: each domain's instances scored by ``experts`` (default:
     every expert loaded on ``encoder``), grouped by best expert, centroids. ``scorer_options``
-    go to :class:`InstanceScorer` (``cache_dir``, ``max_instances``, ``seed``, ``batch_size``)."""
+    go to :class:`InstanceScorer` (``cache_dir``, ``max_instances``, ``seed``, ``batch_size``,
+    ``backend``)."""
     names = list(encoder.experts if experts is None else experts)
     if not names:
         raise ValueError("no experts to build pilots for: load some on the encoder first")

@@ -86,6 +86,15 @@ class BM25Config:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def _bm25s() -> Any:
+    """The ``bm25s`` module. On import it sets its logger to DEBUG, which lets its per-call
+    debug lines through any application's handler; the level is handed back to the application."""
+    import bm25s
+
+    logging.getLogger("bm25s").setLevel(logging.NOTSET)
+    return bm25s
+
+
 def _stemmer(name: str | None) -> Any:
     if name is None:
         return None
@@ -99,8 +108,7 @@ def _stemmer(name: str | None) -> Any:
 
 def tokenize(texts: Sequence[str], config: BM25Config) -> list[list[str]]:
     """Lower-cased, stopword-free, stemmed word lists, as the index sees them."""
-    import bm25s
-
+    bm25s = _bm25s()
     if not texts:
         return []
     # Lone surrogates cannot be stemmed or saved; they carry no word, so drop them.
@@ -193,8 +201,7 @@ class BM25Index:
     @classmethod
     def build(cls, corpus: Corpus, config: BM25Config | None = None) -> BM25Index:
         """Index ``corpus`` (title and text, as the dense side sees them) in memory."""
-        import bm25s
-
+        bm25s = _bm25s()
         config = config or BM25Config()
         ids = list(corpus)
         if not ids:
@@ -219,8 +226,7 @@ class BM25Index:
     @classmethod
     def load(cls, folder: str | Path, mmap: bool = True) -> BM25Index:
         """Inverse of :meth:`save`; the score arrays are memory-mapped unless ``mmap=False``."""
-        import bm25s
-
+        bm25s = _bm25s()
         folder = Path(folder)
         manifest_file = folder / "routerretriever-bm25.json"
         if not manifest_file.is_file():

@@ -156,9 +156,10 @@ def _pool_section(pool: dict[str, Any], seen: list[str], unseen: list[str]) -> l
     b = pool["base_fused"]["per_domain"]
     cols = [*seen, *unseen]
     zero_rows = [
-        [pool["base_fused"]["name"], *(b[x] for x in cols), float(np.mean([b[x] for x in cols]))],
-        [d["name"], *(z[x] for x in cols), float(np.mean([z[x] for x in cols]))],
+        [pool["base_fused"]["name"], *(b[x] for x in cols), float(np.mean([b[x] for x in cols]))]
     ]
+    if d["name"] != pool["base_fused"]["name"]:  # the default may be base + BM25 itself
+        zero_rows.append([d["name"], *(z[x] for x in cols), float(np.mean([z[x] for x in cols]))])
     gates = pool.get("gates", [])
     for g in gates:
         if g["name"] != d["name"]:

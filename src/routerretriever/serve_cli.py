@@ -19,6 +19,19 @@ if TYPE_CHECKING:
 API_KEY_ENV = "ROUTERRETRIEVER_API_KEY"
 
 
+def add_backend_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--backend``, the corpus side's runtime (:mod:`routerretriever.runtime`), alike on every
+    command that embeds documents."""
+    parser.add_argument(
+        "--backend",
+        choices=["auto", "torch", "onnx", "bfloat16"],  # runtime.BACKENDS, without importing torch
+        default="auto",
+        help=f"{what}: auto (bfloat16 where the hardware does it natively, else ONNX Runtime on "
+        "a CPU where installed), torch (the exact float32 reference), onnx or bfloat16 "
+        "(default: auto)",
+    )
+
+
 def unit_float(flag: str) -> Callable[[str], float]:
     """argparse type: a number in [0, 1], or a message naming ``flag``."""
 
@@ -120,14 +133,7 @@ def add_serve_parser(sub: Any) -> None:
         "experiment's gate, as a saved router.json's 'decline' lists it; repeat per expert",
     )
     sv.add_argument("--routing-precision", choices=["auto", "float32", "bfloat16"], default="auto")
-    sv.add_argument(
-        "--backend",
-        choices=["auto", "torch", "onnx", "bfloat16"],
-        default="auto",
-        help="what embeds the documents, as evaluate's --backend: auto (bfloat16 where the "
-        "hardware does it natively, else ONNX Runtime on a CPU), torch (the exact float32 "
-        "reference), onnx or bfloat16 (default: auto)",
-    )
+    add_backend_arg(sv, "what embeds the documents")
     sv.add_argument("--model", default=None, help="base model folder or hub id")
     sv.add_argument("--cache-dir", type=Path, default=None)
     sv.add_argument(

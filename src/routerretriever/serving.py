@@ -160,6 +160,7 @@ class Engine:
             max_instances=max_instances,
             seed=seed,
             batch_size=batch_size,
+            backend=runtime,
         )
         self._router: RouterRetriever | None = None
         self.pilots: PilotLibrary | None = None

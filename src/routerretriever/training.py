@@ -33,6 +33,7 @@ from routerretriever.experts import ExpertInfo, check_name, write_expert_folder
 from routerretriever.index import FaissIndex
 from routerretriever.losses import contrastive_loss
 from routerretriever.pseudo import PseudoQueryConfig, make_pseudo_queries
+from routerretriever.runtime import Backend
 from routerretriever.store import corpus_fingerprint, embed_corpus
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ def load_training_set(
     cache_dir: str | Path | None = None,
     seed: int = 0,
     hold_out: int = 0,
+    backend: Backend = "auto",
 ) -> TrainingSet:
     """A training set from a BEIR folder: its labelled ``split``, or pseudo-queries of its corpus.
 
@@ -160,7 +162,7 @@ def load_training_set(
         queries = {q: v for q, v in queries.items() if q not in held}
         qrels = {q: v for q, v in qrels.items() if q not in held}
         source += f", {hold_out} training queries held out for choices"
-    emb = embed_corpus(encoder, corpus, cache_dir=cache_dir)
+    emb = embed_corpus(encoder, corpus, cache_dir=cache_dir, backend=backend)
     payload = json.dumps([sorted(queries.items()), sorted(qrels.items())], sort_keys=True)
     fp = corpus_fingerprint(corpus) + ":" + hashlib.sha256(payload.encode()).hexdigest()[:16]
     return TrainingSet(
@@ -383,6 +385,8 @@ def _fit(
             "steps_run": step,
             "best_step": best_step,
             "train_queries": sum(len(d.qids) for d in domains),
+            # what embedded the corpus mined and early-stopped on (runtime.BACKENDS)
+            "corpus_runtime": ",".join(sorted({ts.doc_backend for ts in sets})),
             "first_loss": losses[0] if losses else None,
             "last_loss": float(np.mean(losses[-train.eval_every :])) if losses else None,
         },
