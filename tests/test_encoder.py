@@ -149,3 +149,18 @@ def test_tokenize_from_many_threads_at_once(encoder):
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(lambda job: encoder.tokenize(*job), jobs))
     assert got == expected
+
+
+def test_loading_prints_nothing_and_leaves_the_callers_bar_setting(capfd):
+    """transformers draws a "Loading weights" bar on every load; a library call does not print."""
+    from transformers.utils import logging as hf_logging
+
+    from routerretriever.encoder import Encoder
+
+    for shown in (True, False):
+        (hf_logging.enable_progress_bar if shown else hf_logging.disable_progress_bar)()
+        Encoder.load()
+        assert hf_logging.is_progress_bar_enabled() is shown
+    hf_logging.enable_progress_bar()
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err + captured.out

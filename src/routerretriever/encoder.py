@@ -46,6 +46,21 @@ _TOKENIZE_CHUNK = 16384  # texts tokenised and length-sorted at a time, to bound
 BASE = "__base__"  # the base model's name in an expert pool (never an expert's name)
 
 
+def load_base_weights(folder: str | os.PathLike[str], **kwargs: Any) -> Any:
+    """``AutoModel.from_pretrained`` from safetensors, without transformers' "Loading weights"
+    bar: a library call does not print (a bar the caller turned off stays off)."""
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return AutoModel.from_pretrained(folder, use_safetensors=True, **kwargs)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 @dataclass(frozen=True)
 class EncoderSettings:
     """How texts become vectors; part of every cache key. ``None`` fields are read from the model."""
@@ -166,7 +181,7 @@ class Encoder:
         Settings left ``None`` come from the model's sentence-transformers files, else mean
         pooling, no normalisation, the tokenizer's max length and (cosine if normalised else dot).
         """
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
 
         folder = resolve_folder(
             str(name_or_path) if name_or_path is not None else default_model_path()
@@ -174,7 +189,7 @@ class Encoder:
         check_model_folder(folder)
         st = read_st_settings(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModel.from_pretrained(folder, use_safetensors=True)
+        model = load_base_weights(folder)
         model.eval().requires_grad_(False).to(device)
         tok_max = getattr(tokenizer, "model_max_length", None) or 512
         pos_max = getattr(model.config, "max_position_embeddings", None) or 512

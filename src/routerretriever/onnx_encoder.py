@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from routerretriever.encoder import Encoder
+from routerretriever.encoder import Encoder, load_base_weights
 from routerretriever.files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -84,12 +84,9 @@ def onnx_path(encoder: Encoder, cache_dir: str | os.PathLike[str]) -> Path:
 def export_onnx(encoder: Encoder, path: Path) -> None:
     """Export the base model's transformer to ``path`` (atomically: a killed export leaves no
     file that a later run would load)."""
-    from transformers import AutoModel
 
     # Eager attention: the SDPA path traces the padding mask into a constant.
-    model = AutoModel.from_pretrained(
-        encoder.model_path, attn_implementation="eager", use_safetensors=True
-    ).eval()
+    model = load_base_weights(encoder.model_path, attn_implementation="eager").eval()
     ids = encoder.collate(encoder.tokenize(PROBES))
     args = (ids["input_ids"].cpu(), ids["attention_mask"].cpu())
     axes = {0: "batch", 1: "tokens"}

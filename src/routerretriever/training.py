@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from routerretriever.config import ExpertConfig, TrainConfig
 from routerretriever.data import Qrels, Queries, available_splits, load_beir, load_corpus
-from routerretriever.encoder import Encoder
+from routerretriever.encoder import Encoder, load_base_weights
 from routerretriever.evaluation import evaluate
 from routerretriever.experts import ExpertInfo, check_name, write_expert_folder
 from routerretriever.index import FaissIndex
@@ -289,7 +289,6 @@ def _fit(
     show_progress: bool | None,
 ) -> tuple[torch.nn.Module, ExpertInfo]:
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-    from transformers import AutoModel
 
     check_name(name)
     expert = expert or ExpertConfig()
@@ -304,7 +303,7 @@ def _fit(
     domains = [_Domain(ts, encoder, train, max_len) for ts in sets]
     weights = [len(d.qids) for d in domains]
 
-    base = AutoModel.from_pretrained(encoder.model_path, use_safetensors=True).to(encoder.device)
+    base = load_base_weights(encoder.model_path).to(encoder.device)
     with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
         model = get_peft_model(base, expert.lora_config())
