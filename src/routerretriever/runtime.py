@@ -7,7 +7,8 @@ touching the experts (queries, with their LoRA terms, stay on torch in float32):
 - ``"bfloat16"``: torch under bfloat16 autocast (matmuls in bfloat16, layer norms and the
   residual stream in float32), for hardware that does bfloat16 natively (CPUs with AVX512-BF16
   or AMX, CUDA with bf16: :func:`routerretriever.encoder.has_fast_bfloat16`); elsewhere it is
-  emulated and several times slower;
+  emulated and several times slower. Measured on a 2-core CPU with AMX: 2.3-3.1x
+  sentence-transformers, nDCG@10 within 0.0012 of float32 on six collections;
 - ``"onnx"``: ONNX Runtime in float32 (:mod:`routerretriever.onnx_encoder`).
 
 ``"auto"`` (the default) takes bfloat16 where it is native, else ONNX Runtime on a CPU where it is
