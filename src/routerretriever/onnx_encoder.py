@@ -84,7 +84,6 @@ def onnx_path(encoder: Encoder, cache_dir: str | os.PathLike[str]) -> Path:
 def export_onnx(encoder: Encoder, path: Path) -> None:
     """Export the base model's transformer to ``path`` (atomically: a killed export leaves no
     file that a later run would load)."""
-
     # Eager attention: the SDPA path traces the padding mask into a constant.
     model = load_base_weights(encoder.model_path, attn_implementation="eager").eval()
     ids = encoder.collate(encoder.tokenize(PROBES))

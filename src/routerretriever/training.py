@@ -112,6 +112,8 @@ def load_training_set(
     (:attr:`TrainingSet.unseen_queries`), and so do ``hold_out`` labelled training queries
     (drawn after the dev set): a third set, neither trained nor early-stopped on, for choices
     made after training (see :meth:`routerretriever.experiment.Experiment.instances`).
+    ``backend`` embeds the corpus that hard negatives are mined from and dev is scored over
+    (:mod:`routerretriever.runtime`); runtimes retrieve alike but train different experts.
     """
     folder = Path(folder)
     if dev_split == "test" or (split == "test" and not from_corpus):
