@@ -1,0 +1,110 @@
+"""How close to its threshold does the experiment's gate decide, and how far apart are the fast
+families on the labelled dev queries? Dev data only; no test set is scored.
+
+For each gated family (base mix 0 and 0.3) at each lexical weight: every expert's dev
+instances routed to it, how many of them its expert changes at all, the mean nDCG@10 gain over
+the base model (both fused with BM25), and the one-sided paired t-test's p-value, fitted on all
+dev instances and on each half (the cross-fitted dev scores use the halves). Then each fast
+family's choice (the experiment's ``results.json``) against base + BM25 on the labelled dev
+queries, with the standard error of the paired difference.
+
+    ROUTERRETRIEVER_CACHE=/work/cache python benchmarks/gate_evidence.py experiments/paper.toml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from routerretriever.encoder import BASE
+from routerretriever.experiment import Experiment, ExperimentConfig
+from routerretriever.hybrid_eval import (
+    MAX_PASSES,
+    Library,
+    candidate_grid,
+    cross_fitted,
+    query_sets,
+    run_policy,
+)
+from routerretriever.pilots import build_pilots
+from routerretriever.policy import PilotPolicy
+from routerretriever.router import expert_scores
+
+
+def p_greater(g: np.ndarray) -> float:
+    return float(stats.ttest_1samp(g, 0.0, alternative="greater").pvalue) if len(g) > 1 else 1.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--alphas", default="0.4,0.5,0.6")
+    args = parser.parse_args()
+    cfg = ExperimentConfig.load(args.config)
+    exp = Experiment(cfg)
+    seen = [d.name for d in cfg.expert_domains]
+    members = [BASE, *exp.experts]
+    train_inst = exp.instances("train")
+    train = query_sets(exp, "train", seen, members)
+    exp.instances("choice")
+    dev = query_sets(exp, "choice", seen, members)
+    rule = json.loads((cfg.results / "results.json").read_text())["rule"]
+    pilots = build_pilots(train_inst, exp.experts)
+    print("| base mix | α | expert | routed | changed | mean gain | p (all) | p (halves) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for mix in (0.0, 0.3):
+        policy = PilotPolicy(pilots, rule, mix)
+        for alpha in (float(a) for a in args.alphas.split(",")):
+            routed, gains, half = [], [], []
+            for qs in dev.values():
+                routed += [
+                    pilots.experts[b] for b in expert_scores(qs.base, pilots, rule).argmax(1)
+                ]
+                a = np.full(len(qs.qids), alpha)
+                gains.append(
+                    qs.score(policy.members, policy.weights(qs.base)[0], a)
+                    - qs.score([BASE], np.ones((len(qs.qids), 1)), a)
+                )
+                half += list(np.arange(len(qs.qids)) % 2)
+            r, g, h = np.array(routed), np.concatenate(gains), np.array(half)
+            for e in exp.experts:
+                mine = g[r == e]
+                halves = ", ".join(f"{p_greater(g[(r == e) & (h != f)]):.3f}" for f in (0, 1))
+                print(
+                    f"| {mix} | {alpha} | {e} | {len(mine)} | {int((np.abs(mine) > 1e-12).sum())} "
+                    f"| {100 * mine.mean():+.2f} | {p_greater(mine):.3f} | {halves} |"
+                )
+    # The fast families' choices against base + BM25 on the labelled dev queries.
+    report = json.loads((cfg.results / "results.json").read_text())["pool"]
+    cost = {c["name"]: c["cost"] for c in report["candidates"]}
+    chosen = [n for n in report["family_choice"].values() if cost[n] <= MAX_PASSES + 1e-9]
+    labelled = report["labelled_dev_domains"]
+    lib = Library([train[d] for d in seen], train_inst, list(exp.experts), [dev[d] for d in seen])
+    per = {}
+    for c in candidate_grid(rule, cfg.normalisations):
+        if c.name in chosen:
+            fit = lambda qs, c=c: (  # noqa: E731
+                cross_fitted(c, lib, qs)
+                if c.fits_dev
+                else run_policy(c.make(lib), c.alpha, qs, c.how)
+            )[0]
+            per[c.name] = {d: fit(dev[d]) for d in labelled}
+    ref_name = report["family_choice"]["base"]
+    ref = per[ref_name]
+    print(f"\n| family's choice | labelled dev | minus {ref_name} | SE of the difference |")
+    print("|---|---|---|---|")
+    for name, v in per.items():
+        diff = np.mean([v[d].mean() - ref[d].mean() for d in labelled])
+        se = np.sqrt(sum(np.var(v[d] - ref[d], ddof=1) / len(v[d]) for d in labelled)) / len(
+            labelled
+        )
+        mean = np.mean([v[d].mean() for d in labelled])
+        print(f"| {name} | {100 * mean:.2f} | {100 * diff:+.2f} | {100 * se:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
