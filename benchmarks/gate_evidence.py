@@ -22,17 +22,11 @@ from scipy import stats
 
 from routerretriever.encoder import BASE
 from routerretriever.experiment import Experiment, ExperimentConfig
-from routerretriever.hybrid_eval import (
-    MAX_PASSES,
-    Library,
-    candidate_grid,
-    cross_fitted,
-    query_sets,
-    run_policy,
-)
+from routerretriever.hybrid_eval import Library, candidate_grid, evaluate_candidates, query_sets
 from routerretriever.pilots import build_pilots
 from routerretriever.policy import PilotPolicy
 from routerretriever.router import expert_scores
+from routerretriever.selection import MAX_PASSES, dev_margin
 
 
 def p_greater(g: np.ndarray) -> float:
@@ -78,32 +72,23 @@ def main() -> None:
                     f"| {mix} | {alpha} | {e} | {len(mine)} | {int((np.abs(mine) > 1e-12).sum())} "
                     f"| {100 * mine.mean():+.2f} | {p_greater(mine):.3f} | {halves} |"
                 )
-    # The fast families' choices against base + BM25 on the labelled dev queries.
+    # The fast families' choices against base + BM25 on the labelled dev queries (cross-fitted
+    # where a family fits on dev, as the experiment scores them).
     report = json.loads((cfg.results / "results.json").read_text())["pool"]
     cost = {c["name"]: c["cost"] for c in report["candidates"]}
     chosen = [n for n in report["family_choice"].values() if cost[n] <= MAX_PASSES + 1e-9]
     labelled = report["labelled_dev_domains"]
     lib = Library([train[d] for d in seen], train_inst, list(exp.experts), [dev[d] for d in seen])
-    per = {}
-    for c in candidate_grid(rule, cfg.normalisations):
-        if c.name in chosen:
-            fit = lambda qs, c=c: (  # noqa: E731
-                cross_fitted(c, lib, qs)
-                if c.fits_dev
-                else run_policy(c.make(lib), c.alpha, qs, c.how)
-            )[0]
-            per[c.name] = {d: fit(dev[d]) for d in labelled}
-    ref_name = report["family_choice"]["base"]
-    ref = per[ref_name]
-    print(f"\n| family's choice | labelled dev | minus {ref_name} | SE of the difference |")
+    cands = [c for c in candidate_grid(rule, cfg.normalisations) if c.name in chosen]
+    evaluate_candidates(cands, lib, {d: dev[d] for d in labelled}, {})
+    ref = next(c for c in cands if c.name == report["family_choice"]["base"])
+    print(f"\n| family's choice | labelled dev | minus {ref.name} | SE of the difference |")
     print("|---|---|---|---|")
-    for name, v in per.items():
-        diff = np.mean([v[d].mean() - ref[d].mean() for d in labelled])
-        se = np.sqrt(sum(np.var(v[d] - ref[d], ddof=1) / len(v[d]) for d in labelled)) / len(
-            labelled
+    for c in cands:
+        m = dev_margin(c, ref, labelled)
+        print(
+            f"| {c.name} | {100 * c.dev_mean():.2f} | {100 * m.difference:+.2f} | {100 * m.se:.2f} |"
         )
-        mean = np.mean([v[d].mean() for d in labelled])
-        print(f"| {name} | {100 * mean:.2f} | {100 * diff:+.2f} | {100 * se:.2f} |")
 
 
 if __name__ == "__main__":

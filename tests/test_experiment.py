@@ -282,3 +282,41 @@ def test_zero_shot_table_names_each_system_once(default):
     zero = md.split("### Zero-shot")[1].split("###")[0]
     rows = [line.split(" | ")[0].strip("| ") for line in zero.splitlines() if line.startswith("| ")]
     assert rows[1:] == sorted({"Base model + BM25 (α 0.4)", default}, key=lambda r: "Base" not in r)
+
+
+def test_the_report_says_when_the_default_leads_within_noise_or_routes_nothing():
+    from routerretriever.report import _pool_section
+
+    scores = {"a": 0.5, "b": 0.4, "u": 0.3}
+    base = "Base model + BM25 (α 0.5)"
+
+    def section(default, margin, declines):
+        pool = {
+            "labelled_dev_domains": ["a"],
+            "family_choice": {},
+            "default": {
+                "name": default,
+                "average": 0.45,
+                "zero_shot_average": 0.4,
+                "zero_shot": scores,
+                "dev_margin": {"over": base, **margin},
+                "declines_every_expert": declines,
+            },
+            "baselines": {},
+            "candidates": [],
+            "alpha_if_chosen_on_all_dev": {},
+            "base_fused": {"name": base, "per_domain": scores},
+            "gates": [],
+            "growth": [],
+        }
+        return "\n".join(_pool_section(pool, ["a", "b"], ["u"]))
+
+    gated = "RouterRetriever (weighted), gated + BM25 (α 0.5)"
+    md = section(gated, {"difference": 0.0072, "se": 0.0059, "within_noise": False}, False)
+    assert f"it leads {base} by +0.72 (standard error 0.59)." in md
+    assert "does not tell them apart" not in md and "declines every expert" not in md
+    md = section(gated, {"difference": 0.004, "se": 0.0059, "within_noise": True}, True)
+    assert "+0.40 (standard error 0.59): within one standard error" in md
+    assert "its gate declines every expert" in md
+    md = section(base, {"difference": 0.0, "se": 0.0, "within_noise": True}, False)
+    assert "it leads" not in md  # the default is base + BM25 itself: nothing to compare

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from routerretriever.encoder import BASE
 from routerretriever.fusion import NORMALISATIONS
@@ -12,7 +14,6 @@ from routerretriever.hybrid_eval import (
     Library,
     QuerySet,
     candidate_grid,
-    choose,
     cross_fitted,
     evaluate_candidates,
     gated_maker,
@@ -22,6 +23,7 @@ from routerretriever.hybrid_eval import (
 )
 from routerretriever.index import FaissIndex
 from routerretriever.pilots import DomainInstances
+from routerretriever.selection import choose, dev_margin
 
 
 def unit(x):
@@ -90,6 +92,9 @@ def test_the_default_is_chosen_on_dev_and_fast(world):
     cands = candidate_grid("weighted", NORMALISATIONS)
     cands = [c for c in cands if c.family in ("base", "pilot", "knn-20-0.02-1", "knn-20-0.02-all")]
     evaluate_candidates(cands, lib, dev, dev)
+    for c in cands:  # the per-query dev scores are kept, and are what the means summarise
+        assert c.dev_scores.keys() == c.dev.keys()
+        assert all(c.dev_scores[d].mean() == pytest.approx(c.dev[d]) for d in c.dev)
     default, best = choose(cands, ["x"], max_cost=1.0)
     assert default.cost <= 1.0
     assert default.dev_mean(["x"]) == max(c.dev_mean(["x"]) for c in best.values() if c.cost <= 1.0)
@@ -170,3 +175,50 @@ def test_a_gate_fitted_on_dev_is_scored_on_dev_only_across_halves(world):
     odds = set(dev["x"].qids) - evens
     assert evens.isdisjoint(seen[0]) and odds <= seen[0]  # fold 0: fitted on odds, scores evens
     assert odds.isdisjoint(seen[1]) and evens <= seen[1]
+
+
+def scored(name, per_domain):
+    c = Candidate(name, name, pilot_maker("weighted"), 0.5)
+    c.dev_scores = {d: np.asarray(v, dtype=float) for d, v in per_domain.items()}
+    c.dev = {d: float(v.mean()) for d, v in c.dev_scores.items()}
+    return c
+
+
+def test_dev_margin_is_the_paired_lead_and_its_standard_error():
+    ref = scored("base", {"a": [0.2, 0.4, 0.6, 0.8], "b": [0.5, 0.5]})
+    c = scored("routed", {"a": [0.3, 0.4, 0.9, 0.8], "b": [0.7, 0.5]})
+    m = dev_margin(c, ref, ["a", "b"])
+    # a: differences 0.1, 0, 0.3, 0 (mean 0.1, variance 0.02); b: 0.2, 0 (mean 0.1, variance 0.02)
+    assert m.over == "base"
+    assert m.difference == pytest.approx(c.dev_mean(["a", "b"]) - ref.dev_mean(["a", "b"]))
+    assert m.difference == pytest.approx(0.1)
+    assert m.se == pytest.approx(np.sqrt(0.02 / 4 + 0.02 / 2) / 2)
+    assert not m.within_noise  # a lead of 0.1 against a standard error of 0.061
+    noisy = scored("noisy", {"a": [0.6, 0.1, 0.9, 0.6], "b": [0.5, 0.5]})  # a: +.4 -.3 +.3 -.2
+    assert dev_margin(noisy, ref, ["a"]).difference == pytest.approx(0.05)
+    assert dev_margin(noisy, ref, ["a"]).within_noise  # standard error 0.18
+    same = dev_margin(ref, ref, ["a", "b"])
+    assert (same.difference, same.se, same.within_noise) == (0.0, 0.0, True)
+    with pytest.raises(ValueError, match="b: .*different queries"):
+        dev_margin(c, scored("short", {"a": [0.1] * 4, "b": [0.1]}), ["a", "b"])
+    with pytest.raises(ValueError, match="at least one"):
+        dev_margin(c, ref, [])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(0, 1), min_size=1, max_size=30),
+    st.lists(st.floats(0, 1), min_size=1, max_size=30),
+    st.floats(-0.5, 0.5),
+)
+def test_dev_margin_moves_with_a_shift_and_keeps_its_error(a, b, shift):
+    """Adding the same amount to every dev score of one system moves its lead by exactly that
+    and leaves the standard error alone; the error is never negative."""
+    rng = np.random.default_rng(len(a) + 7 * len(b))
+    ref = scored("ref", {"a": a, "b": b})
+    other = {"a": rng.permutation(a), "b": rng.permutation(b)}
+    m = dev_margin(scored("c", other), ref, ["a", "b"])
+    moved = dev_margin(scored("c", {d: v + shift for d, v in other.items()}), ref, ["a", "b"])
+    assert m.se >= 0 and np.isfinite(m.se)
+    assert moved.difference == pytest.approx(m.difference + shift, abs=1e-9)
+    assert moved.se == pytest.approx(m.se, abs=1e-9)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,7 @@ from routerretriever.index import FaissIndex
 from routerretriever.pilots import DomainInstances, build_pilots
 from routerretriever.policy import NeighbourPolicy, PilotPolicy, Policy, declined_experts
 from routerretriever.router import Rule, expert_scores
+from routerretriever.selection import MAX_PASSES, choose, dev_margin
 
 if TYPE_CHECKING:
     from routerretriever.experiment import Experiment
@@ -205,6 +206,7 @@ class Candidate:
     make: PolicyMaker
     alpha: float
     dev: dict[str, float] = field(default_factory=dict)  # domain -> mean dev nDCG@10
+    dev_scores: dict[str, np.ndarray] = field(default_factory=dict)  # domain -> per dev query
     test: dict[str, float] = field(default_factory=dict)  # domain -> mean test nDCG@10
     cost: float = 1.0  # dense passes per query beyond the routing pass (mean, on dev)
     fits_dev: bool = False  # fitted on dev instances too: its dev scores are cross-fitted
@@ -318,7 +320,7 @@ def evaluate_candidates(
                 s, cost = cross_fitted(c, lib, qs)
             else:
                 s, cost = run_policy(policy, c.alpha, qs, c.how)
-            c.dev[d] = float(s.mean())
+            c.dev_scores[d], c.dev[d] = s, float(s.mean())
             costs.append(cost)
         c.cost = float(np.mean(costs))
         for d, qs in test.items():
@@ -329,36 +331,6 @@ def evaluate_candidates(
 
 def _fusion_label(c: Candidate) -> str:
     return f"{c.alpha}" if c.how == "minmax" else f"{c.alpha} ({c.how}-normalised)"
-
-
-MAX_PASSES = 0.5  # expert passes per query (on dev) the default may need
-
-
-def choose(
-    cands: Sequence[Candidate], labelled: Sequence[str], max_cost: float = MAX_PASSES
-) -> tuple[Candidate, dict[str, Candidate]]:
-    """The default: per family, the lexical weight and normalisation best on the labelled dev
-    domains; then the
-    family best there too, among those costing at most ``max_cost`` expert passes per query
-    (every domain's dev instances stand in when no domain has labelled dev queries). Returns
-    the default and each family's choice.
-
-    Why not the family best on every domain's dev instances: pseudo-queries favour BM25 (see
-    the module docstring), so a family whose lexical weight came out lower wins there without
-    being better on real queries (the demo's cuts: base + BM25 at 0.3 won "dev (all)" over
-    routed families at 0.6 that were better on the labelled dev queries).
-
-    Why :data:`MAX_PASSES` is 0.5: the default must answer at least half as fast as the plain
-    base model. A routing pass plus one expert pass per query is two passes, and measured at
-    0.49-0.53 of plain speed with BM25 (docs/results.md, a float32 CPU): on the bar's edge. At
-    most half a pass per query on average leaves a margin for BM25, fusion and machine noise."""
-    on = list(labelled) or None  # None: every dev domain
-    best: dict[str, Candidate] = {}
-    for c in cands:
-        if c.family not in best or c.dev_mean(on) > best[c.family].dev_mean(on):
-            best[c.family] = c
-    fast = [c for c in best.values() if c.cost <= max_cost + 1e-9]
-    return max(fast, key=lambda c: c.dev_mean(on)), best
 
 
 def query_sets(exp: Experiment, part: str, domains: Sequence[str], members: Sequence[str]) -> dict:
@@ -412,6 +384,8 @@ def run_pool(
     cands = candidate_grid(rule, cfg.normalisations)
     evaluate_candidates(cands, lib, dev, {d: test[d] for d in seen})
     default, per_family = choose(cands, labelled)
+    margin = dev_margin(default, per_family["base"], labelled or seen)
+    declines_all = set(experts) <= set(getattr(default.make(lib), "decline", ()))
     rows = {
         "BM25 alone": (
             {d: float(dev[d].ndcg(dev[d].lexical).mean()) for d in seen},
@@ -492,6 +466,8 @@ def run_pool(
             "zero_shot": zero,
             "zero_shot_average": float(np.mean(list(zero.values()))),
             "unseen": unseen_default,
+            "dev_margin": asdict(margin) | {"within_noise": margin.within_noise},
+            "declines_every_expert": declines_all,  # as fitted on all dev: base + BM25 then
         },
         "growth": growth,
         "gates": gates,

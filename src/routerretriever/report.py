@@ -123,6 +123,29 @@ def write_report(exp: Experiment, res: dict[str, Any]) -> Path:
     return path
 
 
+def _margin_note(d: dict[str, Any]) -> str:
+    """What the default's lead on dev is worth, and whether its gate kept any expert."""
+    m = d.get("dev_margin")
+    note = ""
+    if m and m["over"] != d["name"]:
+        note = (
+            f"On the dev queries it was chosen on, it leads {m['over']} by "
+            f"{100 * m['difference']:+.2f} (standard error {100 * m['se']:.2f})"
+            + (
+                ": within one standard error, so dev does not tell them apart."
+                if m["within_noise"]
+                else "."
+            )
+        )
+    if d.get("declines_every_expert"):
+        note += (
+            " Fitted on all dev instances, its gate declines every expert: the saved system "
+            "answers every query as the base model fused with BM25 (its dev score is that of "
+            "the gates fitted on each half)."
+        )
+    return note.strip()
+
+
 def _pool_section(pool: dict[str, Any], seen: list[str], unseen: list[str]) -> list[str]:
     """Markdown for :func:`routerretriever.hybrid_eval.run_pool`'s results."""
     lab = pool["labelled_dev_domains"]
@@ -195,6 +218,7 @@ def _pool_section(pool: dict[str, Any], seen: list[str], unseen: list[str]) -> l
         + ", ".join(f"{f} {a}" for f, a in pool["alpha_if_chosen_on_all_dev"].items())
         + ".",
         "",
+        *([note, ""] if (note := _margin_note(d)) else []),
         "Dev instances of each domain (gates, lexical weights and families are scored there): "
         + "; ".join(f"{k}: {v}" for k, v in pool.get("dev_sets", {}).items())
         + ".",
