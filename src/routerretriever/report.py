@@ -206,7 +206,7 @@ def _pool_section(pool: dict[str, Any], seen: list[str], unseen: list[str]) -> l
     return [
         "## The pool with a lexical member: every candidate",
         "",
-        f"Default (chosen on dev, see hybrid_eval.py): **{d['name']}**, test average "
+        f"Default (chosen on dev, see selection.py): **{d['name']}**, test average "
         f"{100 * d['average']:.1f}, zero-shot average {100 * d['zero_shot_average']:.1f}. "
         "dev (labelled): mean over the dev instances of "
         + ", ".join(lab)
