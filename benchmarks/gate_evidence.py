@@ -4,7 +4,8 @@ families on the labelled dev queries? Dev data only; no test set is scored.
 For each gated family (base mix 0 and 0.3) at each lexical weight: every expert's dev
 instances routed to it, how many of them its expert changes at all, the mean nDCG@10 gain over
 the base model (both fused with BM25), and the one-sided paired t-test's p-value, fitted on all
-dev instances and on each half (the cross-fitted dev scores use the halves). Then each fast
+dev instances and on each half, and how many folds' fits keep the expert (the cross-fitted dev
+scores come from those fits: halves until this round, ten folds now). Then each fast
 family's choice (the experiment's ``results.json``) against base + BM25 on the labelled dev
 queries, with the standard error of the paired difference.
 
@@ -24,13 +25,18 @@ from routerretriever.encoder import BASE
 from routerretriever.experiment import Experiment, ExperimentConfig
 from routerretriever.hybrid_eval import Library, candidate_grid, evaluate_candidates, query_sets
 from routerretriever.pilots import build_pilots
-from routerretriever.policy import PilotPolicy
+from routerretriever.policy import PilotPolicy, declined_experts
 from routerretriever.router import expert_scores
 from routerretriever.selection import MAX_PASSES, dev_margin
 
 
 def p_greater(g: np.ndarray) -> float:
     return float(stats.ttest_1samp(g, 0.0, alternative="greater").pvalue) if len(g) > 1 else 1.0
+
+
+def kept(e: str, routed: np.ndarray, gains: np.ndarray, fit: np.ndarray) -> bool:
+    """Whether the experiment's gate, fitted on the instances ``fit``, keeps expert ``e``."""
+    return not declined_experts(list(routed[fit]), gains[fit], [e])
 
 
 def main() -> None:
@@ -48,12 +54,15 @@ def main() -> None:
     dev = query_sets(exp, "choice", seen, members)
     rule = json.loads((cfg.results / "results.json").read_text())["rule"]
     pilots = build_pilots(train_inst, exp.experts)
-    print("| base mix | α | expert | routed | changed | mean gain | p (all) | p (halves) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| base mix | α | expert | routed | changed | mean gain | p (all) | p (halves) "
+        "| kept: all dev / 2 folds / 10 folds |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for mix in (0.0, 0.3):
         policy = PilotPolicy(pilots, rule, mix)
         for alpha in (float(a) for a in args.alphas.split(",")):
-            routed, gains, half = [], [], []
+            routed, gains, pos = [], [], []
             for qs in dev.values():
                 routed += [
                     pilots.experts[b] for b in expert_scores(qs.base, pilots, rule).argmax(1)
@@ -63,14 +72,19 @@ def main() -> None:
                     qs.score(policy.members, policy.weights(qs.base)[0], a)
                     - qs.score([BASE], np.ones((len(qs.qids), 1)), a)
                 )
-                half += list(np.arange(len(qs.qids)) % 2)
-            r, g, h = np.array(routed), np.concatenate(gains), np.array(half)
+                pos += list(range(len(qs.qids)))
+            r, g, i = np.array(routed), np.concatenate(gains), np.array(pos)
+
             for e in exp.experts:
                 mine = g[r == e]
-                halves = ", ".join(f"{p_greater(g[(r == e) & (h != f)]):.3f}" for f in (0, 1))
+                halves = ", ".join(f"{p_greater(g[(r == e) & (i % 2 != f)]):.3f}" for f in (0, 1))
+                folds = " / ".join(
+                    f"{sum(kept(e, r, g, i % k != f) for f in range(k))} of {k}" for k in (2, 10)
+                )
                 print(
                     f"| {mix} | {alpha} | {e} | {len(mine)} | {int((np.abs(mine) > 1e-12).sum())} "
-                    f"| {100 * mine.mean():+.2f} | {p_greater(mine):.3f} | {halves} |"
+                    f"| {100 * mine.mean():+.2f} | {p_greater(mine):.3f} | {halves} "
+                    f"| {'yes' if kept(e, r, g, np.ones(len(g), bool)) else 'no'} / {folds} |"
                 )
     # The fast families' choices against base + BM25 on the labelled dev queries (cross-fitted
     # where a family fits on dev, as the experiment scores them).

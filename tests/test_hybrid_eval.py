@@ -154,7 +154,8 @@ def test_gate_declines_the_expert_routed_to_that_hurts_and_keeps_the_one_that_pa
     assert run_policy(policy, 1.0, dev["y"])[0].mean() > run_policy(plain, 1.0, dev["y"])[0].mean()
 
 
-def test_a_gate_fitted_on_dev_is_scored_on_dev_only_across_halves(world):
+@pytest.mark.parametrize("folds", [2, 5, 10])
+def test_a_gate_fitted_on_dev_is_scored_on_dev_only_across_folds(world, folds):
     lib, dev = world
     lib = Library(lib.sets, lib.instances, lib.experts, list(dev.values()))
     seen: list[set[str]] = []
@@ -166,15 +167,27 @@ def test_a_gate_fitted_on_dev_is_scored_on_dev_only_across_halves(world):
 
         return make
 
-    from routerretriever.hybrid_eval import Candidate
-
     c = Candidate("gated", "pilot-gated", spy(gated_maker("weighted", 0.5)), 0.5, fits_dev=True)
-    scores, cost = cross_fitted(c, lib, dev["x"])
-    assert len(scores) == len(dev["x"].qids) and 0 <= cost <= 1
-    evens = {q for i, q in enumerate(dev["x"].qids) if i % 2 == 0}
-    odds = set(dev["x"].qids) - evens
-    assert evens.isdisjoint(seen[0]) and odds <= seen[0]  # fold 0: fitted on odds, scores evens
-    assert odds.isdisjoint(seen[1]) and evens <= seen[1]
+    fitted = cross_fitted(c, lib, dev, folds)
+    assert len(seen) == folds  # one fit per fold, whatever the number of dev sets
+    for d, (scores, cost) in fitted.items():
+        assert len(scores) == len(dev[d].qids) and 0 <= cost <= 1
+        for f in range(folds):  # fold f is scored by the fit that never saw it, and saw the rest
+            fold = {q for i, q in enumerate(dev[d].qids) if i % folds == f}
+            assert fold.isdisjoint(seen[f]) and set(dev[d].qids) - fold <= seen[f]
+    with pytest.raises(ValueError, match="at least 2"):
+        cross_fitted(c, lib, dev, 1)
+
+
+def test_cross_fitting_changes_nothing_for_a_system_fitted_on_no_dev(world):
+    lib, dev = world
+    lib = Library(lib.sets, lib.instances, lib.experts, list(dev.values()))
+    c = Candidate("router", "pilot", pilot_maker("weighted"), 0.5)
+    fitted = cross_fitted(c, lib, dev, 5)
+    for d, qs in dev.items():
+        plain, cost = run_policy(c.make(lib), 0.5, qs)
+        np.testing.assert_allclose(fitted[d][0], plain)
+        assert fitted[d][1] == pytest.approx(cost)
 
 
 def scored(name, per_domain):

@@ -141,7 +141,7 @@ def _margin_note(d: dict[str, Any]) -> str:
         note += (
             " Fitted on all dev instances, its gate declines every expert: the saved system "
             "answers every query as the base model fused with BM25 (its dev score is that of "
-            "the gates fitted on each half)."
+            "the gates fitted on the folds)."
         )
     return note.strip()
 
@@ -196,9 +196,9 @@ def _pool_section(pool: dict[str, Any], seen: list[str], unseen: list[str]) -> l
             "Gated routers: an expert is kept only if, on the dev instances routed to it, it "
             "beats the base model (both fused with BM25 at the same weight) with a one-sided "
             "paired t-test at p < 0.05; its queries otherwise get the base model's vector, which "
-            "costs no expert pass. Dev scores of gated families are cross-fitted (each half of "
-            "every dev set scored by the gate fitted on the other half). Declined, fitted on all "
-            "dev: "
+            "costs no expert pass. Dev scores of gated families are cross-fitted (every dev set "
+            f"in {pool.get('folds', 2)} folds, each scored by the gate fitted on the others). "
+            "Declined, fitted on all dev: "
             + "; ".join(f"{g['name']}: {', '.join(g['declined']) or 'none'}" for g in gates)
             + ".",
             "",
