@@ -15,6 +15,7 @@ from routerretriever.experts import load_expert
 from routerretriever.index import FaissIndex
 from routerretriever.lexical import BM25Config
 from routerretriever.pilots import DomainInstances, add_expert, build_pilots, remove_expert
+from routerretriever.policy import PilotPolicy
 from routerretriever.pseudo import make_pseudo_queries
 from routerretriever.retriever import RouterRetriever, per_query_ndcg
 from routerretriever.router import route
@@ -134,6 +135,40 @@ def test_base_routed_queries_cost_one_pass(setup):
     finally:
         del enc.encode_tokens
     assert counted == [len(ds.queries)]
+
+
+def test_a_policy_that_routes_nothing_costs_one_exact_pass_even_with_a_bfloat16_router(setup):
+    """Base mix 1, every expert declined, or a pool of the base model alone: no cheaper routing
+    pass followed by an exact one, but one float32 pass that is the base model's embedding."""
+    enc, ds, index, domains = setup
+    insts, _ = instances(enc, index, domains, ["titles", "crops"], [BASE, "alpha", "beta"], [])
+    lib = build_pilots(insts, ["alpha", "beta"])
+    texts = list(ds.queries.values())
+    want = enc.encode(texts, show_progress=False)
+    for policy in (
+        PilotPolicy(lib, "weighted", base_mix=1.0),
+        PilotPolicy(lib, "weighted", decline=("alpha", "beta")),
+        neighbour_policy(enc, index, domains, [BASE], top=1),
+    ):
+        assert policy.base_only
+        rr = RouterRetriever(enc, policy=policy, routing_precision="bfloat16")
+        counted: list = []
+        original = enc.encode_tokens
+
+        def spy(ids, counted=counted, original=original, **kw):
+            counted.append(kw.get("dtype"))
+            return original(ids, **kw)
+
+        enc.encode_tokens = spy
+        try:
+            got = rr.encode_queries(texts)
+        finally:
+            del enc.encode_tokens
+        assert counted == [None]  # one pass, in float32
+        np.testing.assert_array_equal(got, want)
+    # One declined expert of two still routes: the bfloat16 pass decides.
+    assert not PilotPolicy(lib, "weighted", decline=("alpha",)).base_only
+    assert not PilotPolicy(lib, "weighted", base_mix=0.3).base_only
 
 
 def test_search_and_beir_evaluator_agree(setup):

@@ -89,6 +89,13 @@ class PilotPolicy:
     def layers(self) -> int | None:
         return self.pilots.layers
 
+    @property
+    def base_only(self) -> bool:
+        """Every query gets the base model alone (all weight moved to it, or every expert
+        declined): the routing pass is then the whole answer."""
+        experts = set(self.pilots.experts) - {BASE}
+        return self.base_mix >= 1.0 or experts <= set(self.decline)
+
     def weights(self, query_emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         scores = expert_scores(query_emb, self.pilots, self.rule)  # (n, T)
         members = self.members
@@ -147,6 +154,11 @@ class NeighbourPolicy:
         self.scores = np.asarray(self.scores, dtype=np.float32)
 
     layers = None  # routes in the base model's sentence-embedding space
+
+    @property
+    def base_only(self) -> bool:
+        """The pool is the base model alone."""
+        return self.members == [BASE]
 
     def weights(self, query_emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         pred = expected_scores(query_emb, self.embeddings, self.scores, self.k, self.tau)  # (n, m)

@@ -273,14 +273,19 @@ class RouterRetriever(DenseRetriever):
         """Final query embeddings ``(n, dim)`` and the routing decision of each query."""
         bs = batch_size or self.batch_size
         layers = getattr(self.policy, "layers", None)
+        same_space = layers is None or layers == self.encoder.num_layers
+        # A policy that sends every query to the base model alone needs no cheaper routing
+        # pass: one exact pass is both the routing pass and the answer.
+        dtype = (
+            None if same_space and getattr(self.policy, "base_only", False) else self.routing_dtype
+        )
         ids = self.encoder.tokenize(texts)  # once, for both passes
         routing = self.encoder.encode_tokens(
-            ids, batch_size=bs, layers=layers, dtype=self.routing_dtype
+            ids, batch_size=bs, layers=layers, dtype=dtype
         )  # (n, d)
         weights, scores = self.policy.weights(routing)  # (n, m), (n, m)
         members = self.policy.members
-        same_space = layers is None or layers == self.encoder.num_layers
-        exact = same_space and self.routing_dtype is None
+        exact = same_space and dtype is None
 
         def plain(m: str) -> bool:  # the base model's own embedding
             return m == BASE or self.encoder.is_identity(m)
