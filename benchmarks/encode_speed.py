@@ -175,7 +175,7 @@ def main() -> None:
         ROOT.parent / "shared/data/beir/scifact",
         ROOT.parent / "shared/data/classic/med",
     ]
-    from routerretriever.encoder import has_fast_bfloat16
+    from routerretriever.devices import has_fast_bfloat16
 
     native = has_fast_bfloat16()
     print(f"bfloat16 native on this CPU: {native}")

@@ -60,7 +60,7 @@ def tiny_model_path() -> Path:
 def state_digest(model) -> str:
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode() + v.detach().numpy().tobytes())
+        h.update(k.encode() + v.detach().cpu().numpy().tobytes())
     return h.hexdigest()
 
 

@@ -88,6 +88,7 @@ def test_adapter_loads_with_plain_peft(trained):
 
     enc, store, out = trained
     model = PeftModel.from_pretrained(AutoModel.from_pretrained(enc.model_path), store / "beta")
+    model.to(enc.device)
     np.testing.assert_allclose(enc.encode(PROBES, model=model), out["beta"][2], atol=1e-6)
 
 
@@ -242,13 +243,15 @@ def test_training_is_seeded_without_touching_the_callers_random_state(encoder, t
     assert first.dev["history"][1:] == again.dev["history"][1:]  # losses and dev scores
 
 
-def test_training_mines_over_the_corpus_runtime_asked_for(encoder, tmp_path):
+def test_training_mines_over_the_corpus_runtime_asked_for(tmp_path):
     """An experiment pinned to the float32 reference trains on it too: before, training took
     "auto" (bfloat16 on such CPUs), so the experts differed from the tables' runtime."""
+    from routerretriever import Encoder
     from routerretriever.config import TrainConfig
     from routerretriever.training import fit_expert, load_training_set
     from tests.conftest import TINY
 
+    encoder = Encoder.load(device="cpu")  # ONNX Runtime runs on the CPU (an error on a GPU)
     for backend in ("torch", "onnx"):
         ts = load_training_set(encoder, TINY, from_corpus=True, cache_dir=tmp_path, backend=backend)
         assert ts.doc_backend == backend

@@ -114,6 +114,12 @@ def test_cached_index_is_reused_and_a_bad_one_rebuilt(tmp_path):
     assert other.config.k1 == 1.2
 
 
+# The package's source first, then whatever the parent's path held (where its dependencies live
+# when they are not installed site-wide).
+SRC_PATH = os.pathsep.join(
+    p for p in (str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH")) if p
+)
+
 KILL_SCRIPT = """
 import sys, time, bm25s
 from routerretriever import Document
@@ -133,7 +139,7 @@ def test_bm25_store_survives_kill_mid_write(tmp_path):
         [sys.executable, "-c", KILL_SCRIPT, str(tmp_path)],
         stdout=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")},
+        env={**os.environ, "PYTHONPATH": SRC_PATH},
     )
     assert proc.stdout.readline().strip() == "written"  # the arrays are on disk, not committed
     proc.send_signal(signal.SIGKILL)
@@ -312,7 +318,7 @@ def test_feedback_is_the_same_whichever_process_built_the_index(tmp_path):
         env={
             **os.environ,
             "PYTHONHASHSEED": "12345",
-            "PYTHONPATH": str(Path(__file__).parents[1] / "src"),
+            "PYTHONPATH": SRC_PATH,
         },
     )
     ds = load_beir(TINY)

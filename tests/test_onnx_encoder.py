@@ -25,6 +25,18 @@ from routerretriever.onnx_encoder import (
 )
 from tests.conftest import tiny_model_path
 
+
+# ONNX Runtime runs on the CPU: these tests hold CPU encoders on a machine with a GPU too.
+@pytest.fixture(scope="module")
+def encoder():
+    return Encoder.load(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder():
+    return Encoder.load(tiny_model_path(), device="cpu")
+
+
 TEXTS = [
     "short",
     "a somewhat longer text about retrieval with experts",
@@ -70,7 +82,7 @@ def test_a_broken_graph_is_an_error_when_asked_for_and_torch_otherwise(
     # "auto" meets the ONNX graph only on a CPU without native bfloat16 (else it takes bfloat16).
     monkeypatch.setattr("routerretriever.runtime.has_fast_bfloat16", lambda device="cpu": False)
     for backend in ("onnx", "auto"):
-        enc = Encoder.load(tiny_model_path())  # a fresh encoder: nothing loaded for it yet
+        enc = Encoder.load(tiny_model_path(), device="cpu")  # fresh: nothing loaded for it yet
         path = onnx_path(enc, tmp_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"not an ONNX graph")
@@ -88,7 +100,7 @@ def test_a_broken_graph_is_an_error_when_asked_for_and_torch_otherwise(
                 emb.embeddings, enc.encode(["one text", "another"]), atol=1e-6
             )
             # A later run (a fresh encoder: nothing remembered) reuses the torch file.
-            again = Encoder.load(tiny_model_path())
+            again = Encoder.load(tiny_model_path(), device="cpu")
             assert embed_corpus(again, corpus, cache_dir=tmp_path, backend=backend).cached
 
 

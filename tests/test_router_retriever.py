@@ -381,7 +381,8 @@ def test_save_load_round_trip_with_neighbours_and_bm25(setup, tmp_path):
     assert why_a == why_b
     for q in a:
         assert list(a[q]) == list(b[q])
-        np.testing.assert_allclose(list(a[q].values()), list(b[q].values()), atol=1e-6)
+        # 1e-5: on a GPU, kernels vary with batch shape in the sixth decimal (gpu_check.py)
+        np.testing.assert_allclose(list(a[q].values()), list(b[q].values()), atol=1e-5)
 
 
 def test_a_damaged_neighbour_policy_is_named(setup, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -13,7 +14,7 @@ from typing import Any
 
 from routerretriever.errors import RouterRetrieverError
 from routerretriever.experts_cli import add_experts_parser, warn_caveat
-from routerretriever.serve_cli import add_backend_arg, add_serve_parser, unit_float
+from routerretriever.serve_cli import add_backend_arg, add_device_arg, add_serve_parser, unit_float
 from routerretriever.tables import format_table
 
 logger = logging.getLogger("routerretriever")
@@ -466,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="routing rule (default: the best on the dev instances)",
     )
+    add_device_arg(xp)
     xp.set_defaults(func=cmd_experiment)
 
     add_serve_parser(sub)
@@ -482,6 +484,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # the weight-loading bar is noise at every start
+        if getattr(args, "device", "auto") != "auto":  # for every model this run loads, Ray's too
+            from routerretriever.devices import DEVICE_ENV, resolve_device
+
+            os.environ[DEVICE_ENV] = str(resolve_device(args.device))
         return args.func(args)
     except (RouterRetrieverError, ValueError) as e:
         if args.verbose and not isinstance(e, RouterRetrieverError):

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from routerretriever.devices import resolve_device
 from routerretriever.lora import Adapter, cut_layers, read_adapter, with_row_experts
 from routerretriever.model_folder import (
     check_model_folder,
@@ -118,21 +119,6 @@ def _batches(ids: Sequence[Sequence[int]], order: list[int], size: int) -> list[
     return out
 
 
-def has_fast_bfloat16(device: str | torch.device = "cpu") -> bool:
-    """True where bfloat16 matmuls run natively (CUDA with bf16, x86 CPUs with AVX512-BF16 or
-    AMX): there a bfloat16 pass is faster than float32; elsewhere it would be emulated."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    if device.type != "cpu":
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: no cheap way to tell, stay with float32
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
 class Encoder:
     """A frozen transformer that turns texts into ``float32`` vectors of shape ``(n, dim)``.
 
@@ -148,7 +134,7 @@ class Encoder:
         tokenizer: Any,
         settings: EncoderSettings,
         model_path: Path,
-        device: str = "cpu",
+        device: str | torch.device = "cpu",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -174,15 +160,17 @@ class Encoder:
         normalize: bool | None = None,
         max_length: int | None = None,
         similarity: Similarity | None = None,
-        device: str = "cpu",
+        device: str | torch.device = "auto",
     ) -> Encoder:
-        """Load a base model folder or hub id (default: the packaged all-MiniLM-L6-v2).
+        """Load a base model folder or hub id (default: the packaged all-MiniLM-L6-v2) onto
+        ``device`` (:func:`routerretriever.devices.resolve_device`: a CUDA GPU where there is one).
 
         Settings left ``None`` come from the model's sentence-transformers files, else mean
         pooling, no normalisation, the tokenizer's max length and (cosine if normalised else dot).
         """
         from transformers import AutoTokenizer
 
+        device = resolve_device(device)  # a bad name fails before any weights load
         folder = resolve_folder(
             str(name_or_path) if name_or_path is not None else default_model_path()
         )

@@ -18,7 +18,8 @@ import torch
 
 from routerretriever.config import check_table, settings_from
 from routerretriever.data import BeirDataset, Corpus, Document, Run
-from routerretriever.encoder import BASE, Encoder, EncoderSettings, has_fast_bfloat16
+from routerretriever.devices import has_fast_bfloat16
+from routerretriever.encoder import BASE, Encoder, EncoderSettings
 from routerretriever.errors import ModelError
 from routerretriever.evaluation import DEFAULT_METRICS, EvalResult, evaluate, parse_metric
 from routerretriever.files import atomic_dir, default_cache_dir
@@ -420,9 +421,10 @@ class RouterRetriever(DenseRetriever):
 
     @classmethod
     def load(
-        cls, path: str | Path, base_model: str | None = None, **kwargs: Any
+        cls, path: str | Path, base_model: str | None = None, device: str = "auto", **kwargs: Any
     ) -> RouterRetriever:
-        """Inverse of :meth:`save`; ``base_model`` overrides the saved base model location."""
+        """Inverse of :meth:`save`, onto ``device``; ``base_model`` overrides the saved base
+        model location."""
         from routerretriever.experts import check_name, load_expert
 
         path = Path(path)
@@ -453,7 +455,7 @@ class RouterRetriever(DenseRetriever):
             raise ModelError(f"{manifest_file}: cannot read the saved router ({e})") from None
         if base_model is None and not (saved and Path(saved).is_dir()):
             saved = None  # e.g. saved on another machine: fall back to the packaged default
-        encoder = Encoder.load(base_model or saved, **settings)
+        encoder = Encoder.load(base_model or saved, device=device, **settings)
         for name in experts:
             load_expert(encoder, path / "experts" / name, name)
         kwargs.setdefault("routing_precision", manifest.get("routing_precision", "auto"))

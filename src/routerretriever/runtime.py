@@ -6,7 +6,7 @@ touching the experts (queries, with their LoRA terms, stay on torch in float32):
 - ``"torch"``: float32, the exact reference and the fallback;
 - ``"bfloat16"``: torch under bfloat16 autocast (matmuls in bfloat16, layer norms and the
   residual stream in float32), for hardware that does bfloat16 natively (CPUs with AVX512-BF16
-  or AMX, CUDA with bf16: :func:`routerretriever.encoder.has_fast_bfloat16`); elsewhere it is
+  or AMX, CUDA with bf16: :func:`routerretriever.devices.has_fast_bfloat16`); elsewhere it is
   emulated and several times slower. Measured on a 2-core CPU with AMX: 2.3-3.1x
   sentence-transformers, nDCG@10 within 0.0012 of float32 on six collections;
 - ``"onnx"``: ONNX Runtime in float32 (:mod:`routerretriever.onnx_encoder`).
@@ -31,7 +31,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from routerretriever.encoder import Encoder, has_fast_bfloat16
+from routerretriever.devices import has_fast_bfloat16
+from routerretriever.encoder import Encoder
 from routerretriever.onnx_encoder import MIN_COSINE, PROBES, onnx_model, onnx_usable
 
 logger = logging.getLogger(__name__)

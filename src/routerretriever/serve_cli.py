@@ -19,9 +19,20 @@ if TYPE_CHECKING:
 API_KEY_ENV = "ROUTERRETRIEVER_API_KEY"
 
 
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    """``--device``, where the models run (:mod:`routerretriever.devices`)."""
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="where the models run: auto (a CUDA GPU where torch sees one, else the CPU; "
+        "$ROUTERRETRIEVER_DEVICE overrides), cpu, cuda or cuda:N (default: auto)",
+    )
+
+
 def add_backend_arg(parser: argparse.ArgumentParser, what: str) -> None:
-    """``--backend``, the corpus side's runtime (:mod:`routerretriever.runtime`), alike on every
-    command that embeds documents."""
+    """``--backend``, the corpus side's runtime (:mod:`routerretriever.runtime`), and
+    ``--device``, alike on every command that embeds documents."""
+    add_device_arg(parser)
     parser.add_argument(
         "--backend",
         choices=["auto", "torch", "onnx", "bfloat16"],  # runtime.BACKENDS, without importing torch

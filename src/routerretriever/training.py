@@ -197,7 +197,7 @@ class _Domain:
         ]
         # Truncated by the tokenizer, so long queries keep their closing special token.
         self.token_ids = encoder.tokenize([ts.queries[q] for q in self.qids], max_len)
-        self.doc_emb = torch.from_numpy(ts.doc_emb)  # (N, d)
+        self.doc_emb = torch.from_numpy(ts.doc_emb).to(encoder.device)  # (N, d)
         self.index = FaissIndex.from_embeddings(ts.doc_ids, ts.doc_emb)
         self.negatives: list[list[int]] = [[] for _ in self.qids]
         if cfg.hard_negatives:
@@ -273,11 +273,13 @@ def fit_expert(
     """Train a LoRA on ``sets`` and return the PEFT model (in eval mode) and its metadata.
 
     Deterministic for a fixed ``train.seed`` on one machine: batches come from a generator of
-    that seed, and the LoRA's initialisation and dropout from torch's generator seeded inside a
-    forked RNG state, so the caller's global random state is left as it was.
+    that seed, and the LoRA's initialisation and dropout from torch's generators (the CPU's,
+    and the encoder's GPU's) seeded inside a forked RNG state, so the caller's global random
+    state is left as it was.
     """
     train = train or TrainConfig()
-    with torch.random.fork_rng(devices=[]):
+    gpus = [encoder.device] if encoder.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):
         torch.manual_seed(train.seed)
         return _fit(encoder, sets, name, expert, train, show_progress)
 
@@ -305,10 +307,11 @@ def _fit(
     domains = [_Domain(ts, encoder, train, max_len) for ts in sets]
     weights = [len(d.qids) for d in domains]
 
-    base = load_base_weights(encoder.model_path).to(encoder.device)
+    base = load_base_weights(encoder.model_path)
     with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
         model = get_peft_model(base, expert.lora_config())
+    model.to(encoder.device)  # initialised on the CPU: the same LoRA on every device
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     warmup = int(train.max_steps * train.warmup_ratio)
@@ -333,13 +336,14 @@ def _fit(
             negs.extend(rng.sample(pool, min(train.hard_negatives, len(pool))))
         cand_rows = pos + negs
         cand = dom.doc_emb[cand_rows]  # (C, d), C = B + mined
-        targets = torch.arange(len(rows))  # query i's positive sits in row i
+        targets = torch.arange(len(rows), device=encoder.device)  # query i's positive: row i
         # Relevant documents other than the target are never negatives (NFCorpus has dozens).
         mask = torch.tensor(
             [
                 [c in dom.relevant[i] and j != b for j, c in enumerate(cand_rows)]
                 for b, i in enumerate(rows)
-            ]
+            ],
+            device=encoder.device,
         )  # (B, C)
         q = encoder.forward(encoder.collate([dom.token_ids[i] for i in rows]), model)  # (B, d)
         loss = contrastive_loss(q, cand, targets, mask, train.temperature)

@@ -1,0 +1,61 @@
+"""Where the models run, and what that hardware does fast.
+
+``"auto"`` (the default everywhere) means ``$ROUTERRETRIEVER_DEVICE`` when set, else the first
+CUDA GPU torch sees, else the CPU. Everything else follows the encoder's device: corpus
+passes, expert training, routing passes; vectors come back to the CPU as ``numpy`` arrays, and
+search (FAISS, BM25, Milvus) stays on the CPU.
+
+    >>> resolve_device("auto")      # device(type='cuda', index=0) on a GPU machine
+    >>> has_fast_bfloat16("cpu")    # True on CPUs with AVX512-BF16 or AMX
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+DEVICE_ENV = "ROUTERRETRIEVER_DEVICE"
+
+__all__ = ["DEVICE_ENV", "has_fast_bfloat16", "resolve_device"]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The torch device ``device`` names (module docstring for ``"auto"``), checked: a GPU that
+    is not there is an error here rather than deep inside the first forward pass."""
+    if isinstance(device, torch.device):
+        name = str(device)
+    else:
+        name = device.strip()
+    if name == "auto":
+        name = os.environ.get(DEVICE_ENV, "").strip() or "auto"
+        if name == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        out = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {name[:40]!r}") from None
+    if out.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: torch sees no CUDA GPU here (try cpu or auto)")
+        if out.index is not None and out.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    elif out.type != "cpu":
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {name[:40]!r}")
+    return out
+
+
+def has_fast_bfloat16(device: str | torch.device = "cpu") -> bool:
+    """True where bfloat16 matmuls run natively (CUDA with bf16, x86 CPUs with AVX512-BF16 or
+    AMX): there a bfloat16 pass is faster than float32; elsewhere it would be emulated."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap way to tell, stay with float32
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
