@@ -19,6 +19,8 @@ def test_evaluate_prints_table_and_writes_json(tiny, tmp_path, capsys):
     report = json.loads(out.read_text())["tiny"]
     assert 0.0 < report["scores"]["ndcg@10"] <= 1.0
     assert report["queries"] == 10 and len(report["per_query"]) == 10
+    # which runtime embedded the corpus, and where: what the numbers came from
+    assert report["corpus_runtime"] in ("torch", "onnx", "bfloat16") and report["device"]
 
 
 def test_evaluate_on_each_corpus_runtime_writes_its_own_cache_file(tiny, tmp_path, capsys):
@@ -28,7 +30,9 @@ def test_evaluate_on_each_corpus_runtime_writes_its_own_cache_file(tiny, tmp_pat
         out = tmp_path / f"{backend}.json"
         args = ["evaluate", str(tiny), "--cache-dir", str(cache), "--json", str(out)]
         assert main([*args, "--model", str(tiny_model_path()), "--backend", backend]) == 0
-        scores[backend] = json.loads(out.read_text())["tiny"]["scores"]["ndcg@10"]
+        report = json.loads(out.read_text())["tiny"]
+        assert report["corpus_runtime"] == backend
+        scores[backend] = report["scores"]["ndcg@10"]
     files = [p.name for p in (cache / "corpus").iterdir()]
     assert len(files) == 2 and sum(f.endswith("-bfloat16.npz") for f in files) == 1
     assert scores["bfloat16"] == pytest.approx(scores["torch"], abs=0.05)

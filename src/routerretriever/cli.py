@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from routerretriever.errors import RouterRetrieverError
-from routerretriever.experts_cli import add_experts_parser, warn_caveat
-from routerretriever.serve_cli import add_backend_arg, add_device_arg, add_serve_parser, unit_float
+from routerretriever.experts_cli import add_experts_parser, add_router_parser, warn_caveat
+from routerretriever.serve_cli import add_backend_arg, add_device_arg, add_serve_parser
 from routerretriever.tables import format_table
 
 logger = logging.getLogger("routerretriever")
@@ -97,6 +97,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             "scores": result.scores,
             "seconds": round(seconds, 2),
             "corpus_from_cache": retriever.corpus_from_cache,
+            "corpus_runtime": retriever.corpus_runtime,  # e.g. bfloat16: the numbers' provenance
+            "device": str(encoder.device),
             "per_query": result.per_query,
         }
     if len(rows) > 1:
@@ -177,40 +179,6 @@ def cmd_train_expert(args: argparse.Namespace) -> int:
         f"{info.seconds:.0f} s, peak RSS {info.peak_rss_mb:.0f} MB"
     )
     warn_caveat(info)
-    return 0
-
-
-def cmd_router_build(args: argparse.Namespace) -> int:
-    from routerretriever.encoder import Encoder
-    from routerretriever.experts import load_expert
-    from routerretriever.instances import Domain, build_pilot_library
-    from routerretriever.lexical import BM25Config
-    from routerretriever.policy import PilotPolicy
-    from routerretriever.retriever import RouterRetriever
-
-    domains = [Domain.parse(d) for d in args.domain]  # fail before loading anything
-    if not domains:
-        raise RouterRetrieverError(
-            "give at least one --domain NAME=DIR[:SPLIT] (Algorithm 1's instances)"
-        )
-    if not args.expert:
-        raise RouterRetrieverError("give at least one --expert FOLDER")
-    encoder = Encoder.load(args.model)
-    for folder in args.expert:
-        warn_caveat(load_expert(encoder, folder))
-    print(
-        f"scoring {len(args.expert)} experts on {len(domains)} domains' instances", file=sys.stderr
-    )
-    pilots = build_pilot_library(encoder, domains, cache_dir=args.cache_dir, backend=args.backend)
-    policy = PilotPolicy(pilots, args.rule, args.base_mix)
-    rr = RouterRetriever(
-        encoder, policy=policy, alpha=args.alpha, bm25=BM25Config(), normalise=args.normalise
-    )
-    out = rr.save(args.out)
-    print(
-        f"routed model -> {out} (experts {encoder.experts}, {len(pilots.pilots)} pilots); "
-        f"use it: routerretriever evaluate DIR --router {out}"
-    )
     return 0
 
 
@@ -409,39 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_experts_parser(sub)
 
-    rb = sub.add_parser(
-        "router", help="bundle a routed model (experts, pilots, fusion settings) as one folder"
-    )
-    rb_sub = rb.add_subparsers(dest="router_command", required=True)
-    bu = rb_sub.add_parser("build", help="pilots from domains' instances, saved with the experts")
-    bu.add_argument("--expert", action="append", default=[], metavar="FOLDER", help="repeat")
-    bu.add_argument(
-        "--domain",
-        action="append",
-        default=[],
-        metavar="NAME=DIR[:SPLIT]",
-        help="a domain whose instances build the pilots: a BEIR folder's labelled split "
-        "(default train) or 'corpus' for pseudo-queries; repeat",
-    )
-    bu.add_argument("--out", type=Path, required=True, help="the folder to write")
-    bu.add_argument("--rule", choices=["mean", "weighted", "nearest"], default="weighted")
-    bu.add_argument(
-        "--alpha", type=unit_float("--alpha"), default=0.5, help="dense weight in BM25 fusion"
-    )
-    bu.add_argument(
-        "--normalise",
-        choices=["minmax", "max", "zscore"],  # routerretriever.fusion.NORMALISATIONS
-        default="minmax",
-        help="each side's scores before fusion: minmax (default), max (divided by the best) or "
-        "zscore (against the query's scores over the whole corpus)",
-    )
-    bu.add_argument(
-        "--base-mix", type=unit_float("--base-mix"), default=0.0, help="base vector share"
-    )
-    bu.add_argument("--model", default=None, help="base model folder or hub id")
-    bu.add_argument("--cache-dir", type=Path, default=None)
-    add_backend_arg(bu, "what embeds each domain's corpus to score the instances")
-    bu.set_defaults(func=cmd_router_build)
+    add_router_parser(sub)
 
     da = sub.add_parser("data", help="fetch public BEIR collections (md5-checked)")
     da_sub = da.add_subparsers(dest="data_command", required=True)

@@ -80,6 +80,7 @@ class DenseRetriever:
         self.backend = backend
         self.index: VectorIndex | None = None
         self.corpus_from_cache: bool | None = None
+        self.corpus_runtime: str | None = None  # what embedded the indexed corpus (runtime.py)
 
     def encode_queries(
         self, queries: Sequence[str], batch_size: int | None = None, **kwargs: Any
@@ -124,7 +125,7 @@ class DenseRetriever:
             show_progress=self.show_progress,
             backend=self.backend,
         )
-        self.corpus_from_cache = emb.cached
+        self.corpus_from_cache, self.corpus_runtime = emb.cached, emb.backend
         self.index = FaissIndex.from_embeddings(emb.ids, emb.embeddings)
 
     def search(self, queries: Mapping[str, str], k: int = 10) -> Run:
