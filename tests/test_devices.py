@@ -74,3 +74,15 @@ def test_the_cli_runs_on_the_device_it_is_given(tiny, tmp_path, monkeypatch, cap
     assert main([*args, "--device", "cpu", "--backend", "torch"]) == 0
     assert os.environ[DEVICE_ENV] == "cpu"
     assert "ndcg@10" in capsys.readouterr().out
+
+
+def test_replicas_refuse_a_gpu_they_would_not_get(tiny, tmp_path, monkeypatch, capsys):
+    """Ray gives a replica no GPU, so --device cuda with --replicas is refused before Ray
+    starts (as if this machine had a GPU), not left to fail inside every replica."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    args = ["serve", "--store", str(tmp_path), "--corpus", str(tiny), "--replicas", "2"]
+    assert main([*args, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --replicas runs its engines on the CPU") and "Traceback" not in err

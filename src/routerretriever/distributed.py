@@ -30,7 +30,7 @@ class _EncodeActor:
 
         if threads:
             torch.set_num_threads(threads)
-        self.encoder = Encoder.load(model, **settings)
+        self.encoder = Encoder.load(model, device="cpu", **settings)  # actors ask for CPUs only
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -71,7 +71,7 @@ def build_app(spec: ServeSpec) -> Any:
     from routerretriever.service import create_app
     from routerretriever.serving import Engine
 
-    encoder = Encoder.load(spec.model)
+    encoder = Encoder.load(spec.model, device="cpu")  # a replica asks Ray for no GPU
     corpus = load_corpus(spec.corpus)
     index = corpus_index(
         encoder,

@@ -248,6 +248,11 @@ def _serve_replicas(args: argparse.Namespace, api_key: str | None, admin: bool) 
         raise RouterRetrieverError("--ray-actors goes with a single server, not --replicas")
     if args.model_workers not in (None, 1):
         raise RouterRetrieverError("--model-workers goes with a single server, not --replicas")
+    if args.device not in ("auto", "cpu"):
+        raise RouterRetrieverError(
+            "--replicas runs its engines on the CPU (Ray gives them no GPU); --device "
+            f"{args.device[:20]} goes with a single server"
+        )
     spec = replicas.ServeSpec(
         store=args.store.resolve(),
         corpus=args.corpus.resolve(),
