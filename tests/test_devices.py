@@ -85,4 +85,6 @@ def test_replicas_refuse_a_gpu_they_would_not_get(tiny, tmp_path, monkeypatch, c
     args = ["serve", "--store", str(tmp_path), "--corpus", str(tiny), "--replicas", "2"]
     assert main([*args, "--device", "cuda"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --replicas runs its engines on the CPU") and "Traceback" not in err
+    assert (
+        err.startswith("error: --replicas runs its engines on the CPU") and "Traceback" not in err
+    )
