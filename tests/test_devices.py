@@ -88,3 +88,15 @@ def test_replicas_refuse_a_gpu_they_would_not_get(tiny, tmp_path, monkeypatch, c
     assert (
         err.startswith("error: --replicas runs its engines on the CPU") and "Traceback" not in err
     )
+
+
+def test_a_results_file_can_say_what_ran_the_models():
+    from routerretriever.devices import describe, has_fast_bfloat16
+    from routerretriever.report import environment_line
+
+    env = describe("cpu")
+    assert env["device"] == "cpu" and env["name"] and env["torch"] == torch.__version__
+    assert env["bfloat16_native"] is has_fast_bfloat16("cpu") and env["cpu_threads"] >= 1
+    line = environment_line(env | {"corpus_runtimes": ["torch"]})
+    assert line.startswith(f"Ran on {env['name']} (cpu, ") and "corpus runtime: torch." in line
+    assert environment_line({}).startswith("Ran on an unknown processor")  # an older file

@@ -94,6 +94,7 @@ def test_every_train_setting_in_the_toml_reaches_the_expert(tmp_path):
     expert.json."""
     import json
 
+    from routerretriever.devices import resolve_device
     from routerretriever.experiment import ExperimentConfig, train_all
     from tests.conftest import TINY
 
@@ -129,6 +130,7 @@ train = "corpus"
     assert (tiny["temperature"], tiny["warmup_ratio"], tiny["mine_depth"]) == (0.07, 0.2, 9)
     assert tiny["max_query_length"] == 24
     assert tiny["corpus_runtime"] == "torch"  # mined over the runtime the tables use
+    assert tiny["device"] == str(resolve_device("auto"))  # and where it trained
     multi = json.loads((tmp_path / "store" / "multitask" / "expert.json").read_text())["training"]
     assert multi["temperature"] == 0.07 and multi["max_steps"] == 4  # one domain: 1 x budget
     # multitask = false: the baseline is neither trained nor expected (the demo's setting).

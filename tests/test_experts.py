@@ -16,9 +16,10 @@ from tests.conftest import PROBES, tiny_model_path
 
 
 def test_training_lowers_loss_and_changes_only_lora_weights(trained):
-    _, store, out = trained
+    enc, store, out = trained
     model, info, _ = out["alpha"]
     assert info.training["last_loss"] < info.training["first_loss"]
+    assert info.training["device"] == str(enc.device)  # where it trained, in expert.json
     changed = {n for n, p in model.named_parameters() if p.requires_grad}
     assert changed and all("lora_" in n for n in changed)
     from safetensors import safe_open

@@ -12,13 +12,15 @@ search (FAISS, BM25, Milvus) stays on the CPU.
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
+from typing import Any
 
 import torch
 
 DEVICE_ENV = "ROUTERRETRIEVER_DEVICE"
 
-__all__ = ["DEVICE_ENV", "has_fast_bfloat16", "resolve_device"]
+__all__ = ["DEVICE_ENV", "describe", "has_fast_bfloat16", "resolve_device"]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -59,3 +61,28 @@ def has_fast_bfloat16(device: str | torch.device = "cpu") -> bool:
     except OSError:  # not Linux: no cheap way to tell, stay with float32
         return False
     return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def describe(device: str | torch.device = "cpu") -> dict[str, Any]:
+    """What ran the models, for a results file: scores move in the last digits from one
+    processor to another (bfloat16 where it is native; training is not bit-reproducible
+    across CPUs), so a number is read with the hardware that made it."""
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return {
+        "device": str(device),
+        "name": name,
+        "bfloat16_native": has_fast_bfloat16(device),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }

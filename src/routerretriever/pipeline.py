@@ -7,6 +7,7 @@ import logging
 import time
 from pathlib import Path
 
+from routerretriever.devices import describe
 from routerretriever.encoder import BASE
 from routerretriever.experiment import Experiment, ExperimentConfig, train_all
 from routerretriever.hybrid_eval import run_pool
@@ -27,6 +28,9 @@ def run_experiment(config: str | Path, rule: Rule | None = None) -> Path:
     train_all(cfg)
     exp = Experiment(cfg)
     res = run_systems(exp, rule)
+    res["environment"] = describe(exp.encoder.device) | {
+        "corpus_runtimes": sorted({d.backend for d in exp.domains.values()})
+    }
     logger.info("the pool with a lexical member: every candidate on dev and test")
     res["pool"], systems = run_pool(exp, exp.instances("train"), res["rule"])
     # The default system travels: experts, routing policy and BM25 settings in one folder

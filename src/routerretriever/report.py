@@ -27,6 +27,18 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     )
 
 
+def environment_line(env: dict[str, Any]) -> str:
+    """One line saying what ran the models (:func:`routerretriever.devices.describe`)."""
+    native = "native" if env.get("bfloat16_native") else "not native"
+    runtimes = ", ".join(env.get("corpus_runtimes", [])) or "unknown"
+    return (
+        f"Ran on {env.get('name', 'an unknown processor')} ({env.get('device', '?')}, "
+        f"{env.get('cpu_threads', '?')} CPU threads, bfloat16 {native}), torch "
+        f"{env.get('torch', '?')}; corpus runtime: {runtimes}. Scores move in the last digits "
+        "from one processor to another."
+    )
+
+
 def write_report(exp: Experiment, res: dict[str, Any]) -> Path:
     """Markdown tables, JSON and PNG figures in the results folder; returns the markdown path."""
     out = exp.cfg.results
@@ -41,6 +53,8 @@ def write_report(exp: Experiment, res: dict[str, Any]) -> Path:
         + ").",
         "",
     ]
+    if "environment" in res:
+        md += [environment_line(res["environment"]), ""]
     md += [
         "## Single models: each expert alone on every test set",
         "",

@@ -392,6 +392,7 @@ def _fit(
             "train_queries": sum(len(d.qids) for d in domains),
             # what embedded the corpus mined and early-stopped on (runtime.BACKENDS)
             "corpus_runtime": ",".join(sorted({ts.doc_backend for ts in sets})),
+            "device": str(encoder.device),  # a GPU's expert differs from a CPU's (dropout draws)
             "first_loss": losses[0] if losses else None,
             "last_loss": float(np.mean(losses[-train.eval_every :])) if losses else None,
         },
