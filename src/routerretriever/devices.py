@@ -26,25 +26,26 @@ __all__ = ["DEVICE_ENV", "describe", "has_fast_bfloat16", "resolve_device"]
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """The torch device ``device`` names (module docstring for ``"auto"``), checked: a GPU that
     is not there is an error here rather than deep inside the first forward pass."""
-    if isinstance(device, torch.device):
-        name = str(device)
-    else:
-        name = device.strip()
+    name = str(device) if isinstance(device, torch.device) else device.strip()
+    field = "device"
+    if name == "auto" and os.environ.get(DEVICE_ENV, "").strip():
+        name, field = os.environ[DEVICE_ENV].strip(), f"${DEVICE_ENV}"
     if name == "auto":
-        name = os.environ.get(DEVICE_ENV, "").strip() or "auto"
-        if name == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    wrong = f"{field} must be auto, cpu, cuda or cuda:N; got {name[:40]!r}"
     try:
         out = torch.device(name)
     except (RuntimeError, ValueError):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {name[:40]!r}") from None
+        raise ValueError(wrong) from None
     if out.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r}: torch sees no CUDA GPU here (try cpu or auto)")
+            raise ValueError(f"{field} {name!r}: torch sees no CUDA GPU here (try cpu or auto)")
         if out.index is not None and out.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+            raise ValueError(
+                f"{field} {name!r}: torch sees {torch.cuda.device_count()} CUDA GPU(s)"
+            )
     elif out.type != "cpu":
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N; got {name[:40]!r}")
+        raise ValueError(wrong)
     return out
 
 
