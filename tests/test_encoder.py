@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from routerretriever import Encoder, ModelError
 from routerretriever.encoder import default_model_path
@@ -164,3 +166,31 @@ def test_loading_prints_nothing_and_leaves_the_callers_bar_setting(capfd):
     hf_logging.enable_progress_bar()
     captured = capfd.readouterr()
     assert "Loading weights" not in captured.err + captured.out
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(st.integers(1, 12), st.sampled_from([None, "a", "b", "c"])), max_size=120
+    ),
+    size=st.integers(1, 16),
+)
+def test_expert_batches_cover_every_row_once_and_give_whole_batches_one_expert(rows, size):
+    """On a GPU, batches of one expert wherever an expert's rows fill them (mixed ones cost a
+    third of a pass there); every row exactly once, none over ``size``, at most one batch more
+    per expert. On a CPU, mixed batches cut by length alone."""
+    from routerretriever.batch_plan import expert_batches, length_batches, plan_batches
+
+    ids = [[0] * n for n, _ in rows]
+    names = [e for _, e in rows]
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    got = expert_batches(ids, order, names, size)
+    assert plan_batches(ids, order, names, size, "cuda") == got
+    assert plan_batches(ids, order, names, size, "cpu") == length_batches(ids, order, size)
+    assert sorted(i for b in got for i in b) == list(range(len(rows)))
+    assert all(0 < len(b) <= size for b in got)
+    assert len(got) <= len(length_batches(ids, order, size)) + len(set(names))
+    if len({len(x) for x in ids}) == 1:  # no padding cut: each expert's whole batches are its own
+        for e in set(names):
+            own = sum(1 for b in got if len(b) == size and {names[i] for i in b} == {e})
+            assert own >= names.count(e) // size

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from routerretriever.batch_plan import plan_batches
 from routerretriever.devices import resolve_device
 from routerretriever.lora import Adapter, cut_layers, read_adapter, with_row_experts
 from routerretriever.model_folder import (
@@ -103,20 +104,6 @@ class _LogProgress:
 
     def __exit__(self, *exc: object) -> None:
         return None
-
-
-def _batches(ids: Sequence[Sequence[int]], order: list[int], size: int) -> list[list[int]]:
-    """Cut rows sorted longest first into batches of at most ``size``, also closing a batch
-    before a text half as long as its longest: padding it would waste over half the batch."""
-    out: list[list[int]] = []
-    start = 0
-    while start < len(order):
-        longest, end = len(ids[order[start]]), start + 1
-        while end < len(order) and end - start < size and 2 * len(ids[order[end]]) > longest:
-            end += 1
-        out.append(order[start:end])
-        start = end
-    return out
 
 
 class Encoder:
@@ -360,8 +347,8 @@ class Encoder:
         on the input order beyond that. ``show_progress=None`` shows a bar on a terminal only.
         ``model`` swaps in another module with the same interface (e.g. the base plus a LoRA).
         ``experts`` applies a loaded expert to every text (a name) or per text (a list, ``None``
-        meaning the base model); a batch may mix experts (each row gets its own expert's LoRA
-        term on top of the shared base weights). ``layers`` and ``dtype`` run
+        meaning the base model); an expert's texts fill batches of their own, and the few left
+        share mixed batches (each row its own LoRA term on the shared base). ``layers``/``dtype`` run
         :meth:`variant` of the base model instead (a cheaper routing pass). ``autocast`` runs
         the passes under :func:`torch.autocast` in that dtype (matmuls in it, layer norms and
         the residual stream in float32: the corpus side's bfloat16 runtime).
@@ -453,7 +440,7 @@ class Encoder:
         try:
             cast = torch.autocast(self.device.type, dtype=autocast, enabled=autocast is not None)
             with torch.inference_mode(), cast:
-                for rows in _batches(ids, order, batch_size):
+                for rows in plan_batches(ids, order, names, batch_size, self.device.type):
                     batch = self.collate([ids[i] for i in rows])
                     experts = {names[i] for i in rows}
                     if len(experts) == 1:
