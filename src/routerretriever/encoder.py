@@ -347,11 +347,11 @@ class Encoder:
         on the input order beyond that. ``show_progress=None`` shows a bar on a terminal only.
         ``model`` swaps in another module with the same interface (e.g. the base plus a LoRA).
         ``experts`` applies a loaded expert to every text (a name) or per text (a list, ``None``
-        meaning the base model); an expert's texts fill batches of their own, and the few left
-        share mixed batches (each row its own LoRA term on the shared base). ``layers``/``dtype`` run
-        :meth:`variant` of the base model instead (a cheaper routing pass). ``autocast`` runs
-        the passes under :func:`torch.autocast` in that dtype (matmuls in it, layer norms and
-        the residual stream in float32: the corpus side's bfloat16 runtime).
+        meaning the base model); a batch may mix experts (each row its own LoRA term on the
+        shared base; on a GPU only leftovers do: :mod:`routerretriever.batch_plan`). ``layers``
+        and ``dtype`` run :meth:`variant` of the base model instead (a cheaper routing pass).
+        ``autocast`` runs the passes under :func:`torch.autocast` in that dtype (matmuls in it,
+        layer norms and the residual stream in float32: the corpus side's bfloat16 runtime).
         """
         texts = list(texts)
         model = self._variant_model(layers, dtype, model, experts)
