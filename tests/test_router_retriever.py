@@ -371,8 +371,9 @@ def test_save_load_round_trip_with_neighbours_and_bm25(setup, tmp_path):
         enc, policy=policy, alpha=0.7, routing_precision="float32", normalise="max", bm25=bm25
     )
     rr.save(tmp_path / "rr")
-    back = RouterRetriever.load(tmp_path / "rr", cache_dir=tmp_path / "c")
+    back = RouterRetriever.load(tmp_path / "rr", cache_dir=tmp_path / "c", device="cpu")
     assert back.alpha == 0.7 and back.policy.top == 2 and back.encoder.experts == ["alpha", "beta"]
+    assert back.encoder.device.type == "cpu"  # where it was asked to load
     assert back.normalise == "max" and back.bm25 == bm25
     rr.index_corpus(ds.corpus)
     back.index_corpus(ds.corpus)
