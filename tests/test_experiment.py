@@ -85,6 +85,14 @@ def test_unknown_settings_are_named(tmp_path):
             ExperimentConfig.load(write(tmp_path, labelled.replace("100", bad)))
     with pytest.raises(ValueError, match="domain 'a': hold_out needs labelled training queries"):
         ExperimentConfig.load(write(tmp_path, f"{dom}\nhold_out = 5"))
+    assert cfg.min_lead_se == 0.0  # the best on dev, unless a config asks for a clear lead
+    assert ExperimentConfig.load(write(tmp_path, f"min_lead_se = 1.64{dom}")).min_lead_se == 1.64
+    assert ExperimentConfig.load(write(tmp_path, f"min_lead_se = 2{dom}")).min_lead_se == 2.0
+    for bad, why in (("-1", r"x\.toml: min_lead_se must be in \[0, 10\]; got -1"),
+                     ("nan", r"x\.toml: min_lead_se must be in \[0, 10\]; got nan"),
+                     ('"1.64"', r"x\.toml: min_lead_se must be of type float")):  # fmt: skip
+        with pytest.raises(ValueError, match=why):
+            ExperimentConfig.load(write(tmp_path, f"min_lead_se = {bad}{dom}"))
 
 
 @pytest.mark.slow
@@ -322,3 +330,15 @@ def test_the_report_says_when_the_default_leads_within_noise_or_routes_nothing()
     assert "its gate declines every expert" in md
     md = section(base, {"difference": 0.0, "se": 0.0, "within_noise": True}, False)
     assert "it leads" not in md  # the default is base + BM25 itself: nothing to compare
+    from routerretriever.report import _margin_note
+
+    kept = {
+        "name": base,
+        "best_on_dev": gated,
+        "min_lead_se": 1.64,
+        "dev_margin": {"over": base, "difference": 0.0072, "se": 0.0059, "within_noise": False},
+    }
+    assert _margin_note(kept) == (
+        f"The best on dev was {gated}, leading by +0.72 (standard error 0.59): under 1.64 "
+        "standard errors (the config's min_lead_se), so base + BM25 is the default."
+    )

@@ -23,7 +23,7 @@ from routerretriever.hybrid_eval import (
 )
 from routerretriever.index import FaissIndex
 from routerretriever.pilots import DomainInstances
-from routerretriever.selection import choose, dev_margin
+from routerretriever.selection import choose, dev_margin, lead_or_base
 
 
 def unit(x):
@@ -235,3 +235,15 @@ def test_dev_margin_moves_with_a_shift_and_keeps_its_error(a, b, shift):
     assert m.se >= 0 and np.isfinite(m.se)
     assert moved.difference == pytest.approx(m.difference + shift, abs=1e-9)
     assert moved.se == pytest.approx(m.se, abs=1e-9)
+
+
+def test_a_significance_rule_keeps_base_and_bm25_unless_the_lead_is_clear():
+    """min_lead_se (the experiment's opt-in rule): the best on dev is the default only when it
+    leads base + BM25 by that many standard errors; 0 keeps the best on dev."""
+    base = scored("base", {"a": [0.2, 0.4, 0.6, 0.8], "b": [0.5, 0.5]})
+    best = scored("routed", {"a": [0.3, 0.4, 0.9, 0.8], "b": [0.7, 0.5]})  # +0.1, SE 0.061
+    assert lead_or_base(best, base, ["a", "b"])[0] is best
+    assert lead_or_base(best, base, ["a", "b"], 1.6)[0] is best  # it leads by 1.633 SE
+    chosen, margin = lead_or_base(best, base, ["a", "b"], 1.64)
+    assert chosen is base and margin.over == "base" and margin.difference == pytest.approx(0.1)
+    assert lead_or_base(base, base, ["a", "b"], 1.64)[0] is base

@@ -50,6 +50,7 @@ RAW_KEYS: dict[str, Any] = {
     "multitask": bool,
     "backend": str,
     "normalisations": list[str],
+    "min_lead_se": float,
     "domains": list[Any],
 }
 DOMAIN_KEYS: dict[str, Any] = {
@@ -83,6 +84,9 @@ class ExperimentConfig:
     backend: Backend = "auto"  # the corpus side's runtime (routerretriever.runtime)
     #: the pool's candidates fuse BM25 with each of these (routerretriever.fusion.normalise)
     normalisations: list[Normalisation] = field(default_factory=lambda: ["minmax"])
+    #: the pool's default must lead base + BM25 on labelled dev by this many standard errors,
+    #: else base + BM25 is the default (0: the best on dev; routerretriever.selection)
+    min_lead_se: float = 0.0
 
     @classmethod
     def load(cls, path: str | Path) -> ExperimentConfig:
@@ -134,6 +138,9 @@ class ExperimentConfig:
         for name in ("max_instances", "classifier_instances", "batch_size"):
             if raw.get(name, 1) < 1:
                 raise ValueError(f"{path}: {name} must be a positive integer")
+        min_lead_se = float(raw.get("min_lead_se", 0.0))
+        if not 0.0 <= min_lead_se <= 10.0:
+            raise ValueError(f"{path}: min_lead_se must be in [0, 10]; got {min_lead_se:.3g}")
         if any(k < 1 for k in raw.get("routing_layers", [])):
             raise ValueError(f"{path}: routing_layers must be layer counts >= 1")
         cache_dir = raw.get("cache_dir")
@@ -155,6 +162,7 @@ class ExperimentConfig:
             multitask=raw.get("multitask", True),
             backend=backend,
             normalisations=list(dict.fromkeys(norms)),
+            min_lead_se=min_lead_se,
         )
 
     @property

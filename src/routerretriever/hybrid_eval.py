@@ -40,7 +40,7 @@ from routerretriever.index import FaissIndex
 from routerretriever.pilots import DomainInstances, build_pilots
 from routerretriever.policy import NeighbourPolicy, PilotPolicy, Policy, declined_experts
 from routerretriever.router import Rule, expert_scores
-from routerretriever.selection import MAX_PASSES, choose, dev_margin
+from routerretriever.selection import MAX_PASSES, choose, lead_or_base
 
 if TYPE_CHECKING:
     from routerretriever.experiment import Experiment
@@ -394,8 +394,8 @@ def run_pool(
     lib = library(experts, seen)
     cands = candidate_grid(rule, cfg.normalisations)
     evaluate_candidates(cands, lib, dev, {d: test[d] for d in seen})
-    default, per_family = choose(cands, labelled)
-    margin = dev_margin(default, per_family["base"], labelled or seen)
+    best, per_family = choose(cands, labelled)
+    default, margin = lead_or_base(best, per_family["base"], labelled or seen, cfg.min_lead_se)
     declines_all = set(experts) <= set(getattr(default.make(lib), "decline", ()))
     rows = {
         "BM25 alone": (
@@ -479,6 +479,8 @@ def run_pool(
             "zero_shot_average": float(np.mean(list(zero.values()))),
             "unseen": unseen_default,
             "dev_margin": asdict(margin) | {"within_noise": margin.within_noise},
+            "best_on_dev": best.name,  # the default unless min_lead_se kept base + BM25
+            "min_lead_se": cfg.min_lead_se,
             "declines_every_expert": declines_all,  # as fitted on all dev: base + BM25 then
         },
         "growth": growth,

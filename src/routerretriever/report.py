@@ -151,6 +151,13 @@ def _margin_note(d: dict[str, Any]) -> str:
                 else "."
             )
         )
+    best = d.get("best_on_dev", d["name"])
+    if m and best != d["name"]:
+        note = (
+            f"The best on dev was {best}, leading by {100 * m['difference']:+.2f} (standard "
+            f"error {100 * m['se']:.2f}): under {d.get('min_lead_se', 0):g} standard errors "
+            "(the config's min_lead_se), so base + BM25 is the default."
+        )
     if d.get("declines_every_expert"):
         note += (
             " Fitted on all dev instances, its gate declines every expert: the saved system "

@@ -87,3 +87,13 @@ def dev_margin(c: Scored, ref: Scored, domains: Sequence[str]) -> Margin:
     var = sum(float(np.var(x, ddof=1)) / len(x) if len(x) > 1 else 0.0 for x in diffs)
     difference = float(np.mean([x.mean() for x in diffs]))
     return Margin(ref.name, difference, float(np.sqrt(var)) / len(domains))
+
+
+def lead_or_base(best: C, base: C, domains: Sequence[str], min_se: float = 0.0) -> tuple[C, Margin]:
+    """``best`` unless its dev lead over ``base`` (base + BM25) is under ``min_se`` standard
+    errors, then ``base``: a significance rule (1.64: one-sided 5%) for a pool whose families
+    differ by a few dev queries. Returns the default and ``best``'s margin over ``base``."""
+    margin = dev_margin(best, base, domains)
+    if min_se > 0 and best is not base and margin.difference < min_se * margin.se:
+        return base, margin
+    return best, margin
