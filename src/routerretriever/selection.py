@@ -4,7 +4,9 @@ The candidates (:mod:`routerretriever.hybrid_eval`) differ by tenths of a point 
 hundred labelled dev queries, so which family wins can be a matter of a few queries: on the
 paper's pool, rerun on another CPU, SciFact's expert came out slightly different and dev chose
 a default whose gate declines every expert (docs/results.md). :func:`dev_margin` says how
-large the winner's lead is against its standard error, and the report prints it.
+large the winner's lead is against its standard error, and the report prints it;
+:func:`lead_or_base` keeps base + BM25 unless that lead is clear (an experiment's
+``min_lead_se``, off by default).
 """
 
 from __future__ import annotations
