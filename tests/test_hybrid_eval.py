@@ -23,6 +23,7 @@ from routerretriever.hybrid_eval import (
 )
 from routerretriever.index import FaissIndex
 from routerretriever.pilots import DomainInstances
+from routerretriever.policy import PilotPolicy
 from routerretriever.selection import choose, dev_margin, lead_or_base
 
 
@@ -247,3 +248,55 @@ def test_a_significance_rule_keeps_base_and_bm25_unless_the_lead_is_clear():
     chosen, margin = lead_or_base(best, base, ["a", "b"], 1.64)
     assert chosen is base and margin.over == "base" and margin.difference == pytest.approx(0.1)
     assert lead_or_base(base, base, ["a", "b"], 1.64)[0] is base
+
+
+def test_a_gate_per_corpus_keeps_an_expert_only_where_it_paid_and_nowhere_unseen(world):
+    from dataclasses import replace
+
+    from routerretriever.corpora import CorpusSketch
+    from routerretriever.data import Document
+
+    lib, dev = world
+    sk = {d: CorpusSketch.of({f"{d}{i}": Document(d) for i in range(5)}) for d in ("x", "y", "z")}
+    dev = {d: replace(qs, corpus=sk[d]) for d, qs in dev.items()}
+    # "good" pays wherever it is routed; "bad" is forced onto y's queries and hurts there.
+    y_inst = next(i for i in lib.instances if i.domain == "y")
+    n = len(y_inst.ids)
+    forced = DomainInstances(
+        "y", y_inst.ids, y_inst.embeddings, {"good": np.zeros(n), "bad": np.ones(n)}
+    )
+    x_inst = next(i for i in lib.instances if i.domain == "x")
+    glib = Library(lib.sets, [x_inst, forced], ["good", "bad"], list(dev.values()))
+    policy = gated_maker("weighted", 1.0, base_alpha=1.0)(glib)  # dense only: clear gains
+    assert policy.scope is not None and policy.decline == ("bad",)
+    assert policy.scope.experts == {"good": ("x", "y")}  # it paid on both corpora
+    # On x "good" answers; on an unseen corpus every query is base + BM25 at base_alpha, exactly.
+    w = policy.on_corpus(sk["x"]).weights(dev["x"].base)[0]
+    assert w[:, policy.members.index("good")].sum() > 0
+    unseen = replace(dev["x"], corpus=sk["z"])
+    base_only = pilot_maker("weighted", 1.0)(glib)
+    np.testing.assert_array_equal(
+        run_policy(policy, 1.0, unseen, base_alpha=0.5)[0],
+        run_policy(base_only, 0.5, unseen)[0],
+    )
+    assert run_policy(policy, 1.0, unseen, base_alpha=0.5)[1] == 0.0  # no expert pass
+
+
+@given(st.floats(0.0, 1.0), st.floats(0.0, 1.0))
+@settings(max_examples=25, deadline=None)
+def test_base_only_queries_are_fused_at_base_alpha_and_the_rest_at_alpha(a, b):
+    rng = np.random.default_rng(1)
+    docs = unit(rng.normal(size=(60, 16)))
+    index = FaissIndex.from_embeddings([f"d{i}" for i in range(60)], docs)
+    qs = query_set(rng, "x", 30, docs, index)
+    insts = [DomainInstances("x", qs.qids, qs.base, {"good": np.ones(30)})]
+    lib = Library([qs], insts, ["good"])
+    policy = pilot_maker("weighted")(lib)  # every query to "good"
+    declined = PilotPolicy(policy.pilots, "weighted", decline=("good",))
+    np.testing.assert_array_equal(
+        run_policy(policy, a, qs, base_alpha=b)[0], run_policy(policy, a, qs)[0]
+    )
+    base_only = pilot_maker("weighted", 1.0)(lib)
+    np.testing.assert_array_equal(
+        run_policy(declined, a, qs, base_alpha=b)[0], run_policy(base_only, b, qs)[0]
+    )

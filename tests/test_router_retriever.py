@@ -13,11 +13,12 @@ from routerretriever import Encoder, ModelError, load_beir
 from routerretriever.encoder import BASE
 from routerretriever.experts import load_expert
 from routerretriever.index import FaissIndex
+from routerretriever.instances import per_query_ndcg
 from routerretriever.lexical import BM25Config
 from routerretriever.pilots import DomainInstances, add_expert, build_pilots, remove_expert
 from routerretriever.policy import PilotPolicy
 from routerretriever.pseudo import make_pseudo_queries
-from routerretriever.retriever import RouterRetriever, per_query_ndcg
+from routerretriever.retriever import RouterRetriever
 from routerretriever.router import route
 from routerretriever.store import embed_corpus
 from tests.conftest import TINY, tiny_model_path
@@ -460,3 +461,39 @@ def test_a_saved_router_with_a_bad_fusion_setting_names_its_file(setup, tmp_path
         RouterRetriever.load(tmp_path / "rr")
     with pytest.raises(ValueError, match="normalise must be one of"):
         RouterRetriever(enc, build_pilots(insts, [BASE, "alpha"]), normalise="z")  # type: ignore[arg-type]
+
+
+def test_a_router_scoped_to_another_corpus_is_exactly_base_plus_bm25_at_base_alpha(setup, tmp_path):
+    from routerretriever.corpora import CorpusScope, CorpusSketch
+    from routerretriever.data import Document
+    from routerretriever.policy import PilotPolicy
+
+    enc, ds, index, domains = setup
+    insts, _ = instances(enc, index, domains, ["titles", "crops"], ["alpha", "beta"], [])
+    pilots = build_pilots(insts, ["alpha", "beta"])
+    corpora = {"there": CorpusSketch.of({"x": Document("another corpus")})}
+    corpora["here"] = CorpusSketch.of(ds.corpus)
+    kw = {"routing_precision": "float32", "use_cache": False, "backend": "torch"}
+    base = RouterRetriever(enc, policy=PilotPolicy(pilots, base_mix=1.0), alpha=0.4, **kw)
+    base.index_corpus(ds.corpus)
+    want, _ = base.search_with_routes(ds.queries, k=10)
+    kinds = set()
+    for where in ("there", "here"):
+        scope = CorpusScope(corpora, {"alpha": (where,), "beta": (where,)})
+        rr = RouterRetriever(
+            enc, policy=PilotPolicy(pilots, scope=scope), alpha=0.8, base_alpha=0.4, **kw
+        )
+        rr.save(tmp_path / where)
+        back = RouterRetriever.load(tmp_path / where, device="cpu", **kw)
+        assert back.base_alpha == 0.4 and back.policy.scope == scope
+        back.index_corpus(ds.corpus)
+        run, why = back.search_with_routes(ds.queries, k=10)
+        for q, d in why.items():
+            if where == "there":  # kept only on another corpus: base + BM25 at base_alpha
+                assert d.members == {BASE: 1.0} and d.lexical_weight == pytest.approx(0.6)
+                assert list(run[q]) == list(want[q])
+                np.testing.assert_allclose(list(run[q].values()), list(want[q].values()), atol=1e-6)
+            else:
+                assert BASE not in d.members and d.lexical_weight == pytest.approx(0.2)
+            kinds.add(where)
+    assert kinds == {"there", "here"}

@@ -17,15 +17,16 @@ from typing import Any
 
 import numpy as np
 
+from routerretriever.corpora import CorpusSketch
 from routerretriever.data import load_beir
 from routerretriever.encoder import BASE, Encoder
 from routerretriever.experiment_config import DomainSpec, ExperimentConfig
 from routerretriever.experts import load_expert
 from routerretriever.files import atomic_write
 from routerretriever.index import FaissIndex
+from routerretriever.instances import per_query_ndcg
 from routerretriever.lexical import BM25Index
 from routerretriever.pilots import DomainInstances
-from routerretriever.retriever import per_query_ndcg
 from routerretriever.store import embed_corpus
 from routerretriever.training import load_training_set
 
@@ -143,6 +144,8 @@ class Experiment:
         self.models = [BASE, *trained]
         self.domains: dict[str, Domain] = {}
         self.lexical: dict[str, BM25Index] = {}
+        #: domain -> a sketch of its corpus (which corpus a scoped gate's evidence came from)
+        self.sketches: dict[str, CorpusSketch] = {}
         for spec in cfg.domains:
             ds = load_beir(spec.path, cfg.test_split)
             logger.info("indexing %s (%d documents, dense and BM25)", spec.name, len(ds.corpus))
@@ -162,6 +165,7 @@ class Experiment:
                 ds.qrels,
             )
             self.lexical[spec.name] = BM25Index.cached(ds.corpus, cfg.bm25, cfg.cache_dir)
+            self.sketches[spec.name] = CorpusSketch.of(ds.corpus)
         self.cache = cfg.results / "cache"
         self._training_sets: dict[str, Any] = {}
         #: ``(part, domain)`` -> the sampled instance queries and qrels of :meth:`instances`

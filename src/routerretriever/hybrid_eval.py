@@ -22,23 +22,25 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from routerretriever.corpora import CorpusScope
 from routerretriever.encoder import BASE
-from routerretriever.evaluation import evaluate
 from routerretriever.fusion import (
-    Hits,
     Normalisation,
-    fuse_lists,
-    mix_queries,
     reciprocal_rank,
 )
-from routerretriever.index import FaissIndex
-from routerretriever.pilots import DomainInstances, build_pilots
-from routerretriever.policy import NeighbourPolicy, PilotPolicy, Policy, declined_experts
+from routerretriever.pilots import build_pilots
+from routerretriever.policy import (
+    NeighbourPolicy,
+    PilotPolicy,
+    Policy,
+    declined_experts,
+    scoped_declines,
+)
+from routerretriever.querysets import DEPTH, Library, QuerySet, query_sets
 from routerretriever.router import Rule, expert_scores
 from routerretriever.selection import MAX_PASSES, choose, lead_or_base
 
@@ -47,101 +49,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DEPTH = 100  # each list's depth before fusion
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)  # dense weights tried
-
-
-@dataclass
-class QuerySet:
-    """One domain's queries (test queries or training/dev instances) and what any candidate needs:
-    every member's query embeddings, the shared index, and the BM25 hits."""
-
-    domain: str
-    qids: list[str]
-    qrels: dict[str, dict[str, int]]
-    emb: dict[str, np.ndarray]  # member -> (n, d)
-    index: FaissIndex
-    lexical: list[Hits]
-    labelled: bool
-    lexical_stats: np.ndarray | None = None  # (n, 2): BM25's corpus-wide moments per query
-    _dense: dict[str, list[Hits]] = field(default_factory=dict)
-
-    @property
-    def base(self) -> np.ndarray:
-        return self.emb[BASE]  # (n, d): the routing embedding
-
-    def dense_member(self, member: str) -> list[Hits]:
-        if member not in self._dense:
-            self._dense[member] = self.index.search(self.emb[member], DEPTH, self.qids)
-        return self._dense[member]
-
-    def subset(self, idx: np.ndarray) -> QuerySet:
-        """These queries at positions ``idx`` only (cached searches carried over)."""
-        out = QuerySet(
-            self.domain,
-            [self.qids[i] for i in idx],
-            self.qrels,
-            {m: e[idx] for m, e in self.emb.items()},
-            self.index,
-            [self.lexical[i] for i in idx],
-            self.labelled,
-            None if self.lexical_stats is None else self.lexical_stats[idx],
-        )
-        out._dense = {m: [h[i] for i in idx] for m, h in self._dense.items()}
-        return out
-
-    def ndcg(self, run: Sequence[Hits]) -> np.ndarray:
-        """Per-query nDCG@10 ``(n,)`` of one ranked list per query (0 for no hits)."""
-        per = evaluate(
-            self.qrels, {q: dict(h[:10]) for q, h in zip(self.qids, run, strict=True)}, ["ndcg@10"]
-        ).per_query
-        return np.array([per.get(q, {}).get("ndcg@10", 0.0) for q in self.qids])
-
-    def score(
-        self,
-        members: Sequence[str],
-        weights: np.ndarray,
-        alpha: np.ndarray,
-        how: Normalisation = "minmax",
-    ) -> np.ndarray:
-        """nDCG@10 per query of the mixture ``weights`` ``(n, m)`` of ``members`` fused with BM25
-        at dense weight ``alpha`` ``(n,)``, each list normalised ``how``."""
-        one = np.flatnonzero(weights.max(axis=1) >= 1.0 - 1e-9)
-        dense: list[Hits] = [[] for _ in self.qids]
-        q = mix_queries(np.stack([self.emb[m] for m in members]), weights)  # (n, d)
-        if len(one) == len(self.qids):  # pure members: reuse their cached searches
-            for i in range(len(self.qids)):
-                dense[i] = self.dense_member(members[int(weights[i].argmax())])[i]
-        else:
-            dense = self.index.search(q, DEPTH, self.qids)
-        stats = self.index.score_stats(q) if how == "zscore" else None
-        return self.ndcg(fuse_lists(dense, self.lexical, alpha, 10, how, stats, self.lexical_stats))
-
-
-@dataclass
-class Library:
-    """What a router may learn from: the training instances of the pool's domains, and their
-    held-out (dev) instances for gates that must not be fitted on an expert's own training data."""
-
-    sets: list[QuerySet]
-    instances: list[DomainInstances]
-    experts: list[str]
-    dev: list[QuerySet] = field(default_factory=list)
-
-    @property
-    def members(self) -> list[str]:
-        return [BASE, *self.experts]
-
-    @cached_property
-    def emb(self) -> np.ndarray:
-        return np.concatenate([s.base for s in self.sets])  # (N, d)
-
-    @cached_property
-    def member_scores(self) -> np.ndarray:
-        """``(N, m)``: each member's nDCG@10 on each instance (dense alone)."""
-        return np.concatenate(
-            [np.stack([s.ndcg(s.dense_member(m)) for m in self.members], 1) for s in self.sets]
-        )
 
 
 PolicyMaker = Callable[[Library], Policy]
@@ -153,28 +61,46 @@ def pilot_maker(rule: Rule, base_mix: float = 0.0) -> PolicyMaker:
 
 
 def gated_maker(
-    rule: Rule, alpha: float, base_mix: float = 0.0, how: Normalisation = "minmax"
+    rule: Rule,
+    alpha: float,
+    base_mix: float = 0.0,
+    how: Normalisation = "minmax",
+    base_alpha: float | None = None,
 ) -> PolicyMaker:
     """Today's router that declines each expert whose routed held-out instances (``lib.dev``)
-    show no significant gain over the base model, both fused with BM25 at ``alpha`` (lists
-    normalised ``how``; :func:`routerretriever.policy.declined_experts`)."""
+    show no significant gain over the base model, fused with BM25 at ``alpha`` and
+    ``base_alpha`` (default ``alpha``) respectively (lists normalised ``how``;
+    :func:`routerretriever.policy.declined_experts`). With ``base_alpha`` given, the gate is
+    fitted on each corpus apart (:func:`routerretriever.policy.scoped_declines`): an expert is
+    kept only on the corpora whose dev instances it measurably helped."""
 
     def make(lib: Library) -> Policy:
         pilots = build_pilots(lib.instances, lib.experts)
         policy = PilotPolicy(pilots, rule, base_mix)
-        routed, gains = [], []
+        routed, gains, corpora = [], [], []
         for qs in lib.dev:
             best = expert_scores(qs.base, pilots, rule).argmax(axis=1)
             routed += [pilots.experts[b] for b in best]
-            alphas = np.full(len(qs.qids), alpha)
-            base_w = np.ones((len(qs.qids), 1))
+            corpora += [qs.domain] * len(qs.qids)
+            n = len(qs.qids)
             gains.append(
-                qs.score(policy.members, policy.weights(qs.base)[0], alphas, how)
-                - qs.score([BASE], base_w, alphas, how)
+                qs.score(policy.members, policy.weights(qs.base)[0], np.full(n, alpha), how)
+                - qs.score(
+                    [BASE],
+                    np.ones((n, 1)),
+                    np.full(n, alpha if base_alpha is None else base_alpha),
+                    how,
+                )
             )
         gain = np.concatenate(gains) if gains else np.zeros(0)
-        decline = declined_experts(routed, gain, lib.experts)
-        return PilotPolicy(pilots, rule, base_mix, decline)
+        if base_alpha is None:
+            return PilotPolicy(pilots, rule, base_mix, declined_experts(routed, gain, lib.experts))
+        per = scoped_declines(routed, gain, corpora, lib.experts)
+        kept = {e: tuple(c for c, out in per.items() if e not in out) for e in lib.experts}
+        sketches = {qs.domain: qs.corpus for qs in lib.dev if qs.corpus is not None}
+        scope = CorpusScope(sketches, {e: cs for e, cs in kept.items() if cs})
+        decline = tuple(e for e in lib.experts if not kept[e])
+        return PilotPolicy(pilots, rule, base_mix, decline, scope)
 
     return make
 
@@ -211,6 +137,7 @@ class Candidate:
     cost: float = 1.0  # dense passes per query beyond the routing pass (mean, on dev)
     fits_dev: bool = False  # fitted on dev instances too: its dev scores are cross-fitted
     how: Normalisation = "minmax"  # how each list is normalised before fusion
+    base_alpha: float | None = None  # dense weight of base-only queries (None: alpha)
 
     def dev_mean(self, domains: Sequence[str] | None = None) -> float:
         keys = domains if domains is not None else list(self.dev)
@@ -218,13 +145,24 @@ class Candidate:
 
 
 def run_policy(
-    policy: Policy, alpha: float, qs: QuerySet, how: Normalisation = "minmax"
+    policy: Policy,
+    alpha: float,
+    qs: QuerySet,
+    how: Normalisation = "minmax",
+    base_alpha: float | None = None,
 ) -> tuple[np.ndarray, float]:
-    """Per-query nDCG@10 of ``policy`` fused with BM25 at ``alpha`` (lists normalised ``how``)
-    on ``qs``, and its cost (expert passes per query beyond the routing pass)."""
+    """Per-query nDCG@10 of ``policy`` (as it routes on ``qs``'s corpus) fused with BM25 at
+    ``alpha``, or ``base_alpha`` for a query on the base model alone (lists normalised ``how``),
+    on ``qs``, and its cost (expert passes per query beyond the routing pass); as
+    :class:`routerretriever.retriever.RouterRetriever` searches."""
+    on_corpus = getattr(policy, "on_corpus", None)
+    if on_corpus is not None and qs.corpus is not None:
+        policy = on_corpus(qs.corpus)
     w = policy.weights(qs.base)[0]  # (n, m)
-    used = (w > 0) & (np.array(policy.members) != BASE)[None, :]
-    alphas = np.full(len(qs.qids), alpha)
+    members = np.array(policy.members)
+    used = (w > 0) & (members != BASE)[None, :]
+    alone = (w[:, members == BASE] >= 1.0 - 1e-9).any(axis=1)
+    alphas = np.where(alone, alpha if base_alpha is None else base_alpha, alpha)
     return qs.score(policy.members, w, alphas, how), float(used.sum(axis=1).mean())
 
 
@@ -239,6 +177,33 @@ def candidate_grid(
         for how in (normalisations if a < 1.0 else normalisations[:1])
         for c in _candidates(rule, a, how)
     ]
+
+
+def corpus_gated_grid(
+    rule: Rule, base_alpha: float, normalisations: Sequence[Normalisation] = ("minmax",)
+) -> list[Candidate]:
+    """The router gated per corpus (:func:`gated_maker` with ``base_alpha``), with each expert
+    weight in :data:`ALPHAS` and each of ``normalisations``: a query whose expert is declined on
+    the searched corpus gets base + BM25 at ``base_alpha``, the base family's dev choice."""
+    out = []
+    for a in ALPHAS:
+        for how in normalisations if a < 1.0 else normalisations[:1]:
+            norm = "" if how == "minmax" else f", {how}-normalised"
+            for beta in (0.0, 0.3):
+                mix = f", base mix {beta}" if beta else ""
+                out.append(
+                    Candidate(
+                        f"RouterRetriever ({rule}), gated per corpus{mix} + BM25 "
+                        f"(α {a}; base α {base_alpha}{norm})",
+                        f"pilot-gated-corpus{mix.replace(', base mix ', '-mix-')}",
+                        gated_maker(rule, a, beta, how, base_alpha),
+                        a,
+                        how=how,
+                        fits_dev=True,
+                        base_alpha=base_alpha,
+                    )
+                )
+    return out
 
 
 def _candidates(rule: Rule, a: float, how: Normalisation) -> list[Candidate]:
@@ -311,7 +276,7 @@ def cross_fitted(
         for d, qs in dev.items():
             part = np.flatnonzero(np.arange(len(qs.qids)) % folds == fold)
             if len(part):
-                s, cost = run_policy(policy, c.alpha, qs.subset(part), c.how)
+                s, cost = run_policy(policy, c.alpha, qs.subset(part), c.how, c.base_alpha)
                 scores[d][part] = s
                 passes[d] += cost * len(part)
     return {d: (scores[d], passes[d] / max(len(qs.qids), 1)) for d, qs in dev.items()}
@@ -330,12 +295,14 @@ def evaluate_candidates(
         if c.fits_dev:
             fitted = cross_fitted(c, lib, dev)
         else:
-            fitted = {d: run_policy(policy, c.alpha, qs, c.how) for d, qs in dev.items()}
+            fitted = {
+                d: run_policy(policy, c.alpha, qs, c.how, c.base_alpha) for d, qs in dev.items()
+            }
         for d, (s, _) in fitted.items():
             c.dev_scores[d], c.dev[d] = s, float(s.mean())
         c.cost = float(np.mean([cost for _, cost in fitted.values()]))
         for d, qs in test.items():
-            c.test[d] = float(run_policy(policy, c.alpha, qs, c.how)[0].mean())
+            c.test[d] = float(run_policy(policy, c.alpha, qs, c.how, c.base_alpha)[0].mean())
         test_mean = float(np.mean(list(c.test.values()))) if c.test else float("nan")
         logger.info("%s: dev %.4f test %.4f", c.name, c.dev_mean(), test_mean)
 
@@ -344,38 +311,12 @@ def _fusion_label(c: Candidate) -> str:
     return f"{c.alpha}" if c.how == "minmax" else f"{c.alpha} ({c.how}-normalised)"
 
 
-def query_sets(exp: Experiment, part: str, domains: Sequence[str], members: Sequence[str]) -> dict:
-    """:class:`QuerySet` of each domain's test queries or ``"train"``/``"dev"``/``"choice"``
-    instances (see :meth:`routerretriever.experiment.Experiment.instances`)."""
-    out = {}
-    specs = {s.name: s for s in exp.cfg.domains}
-    for d in domains:
-        dom = exp.domains[d]
-        if part == "test":
-            queries, qrels = dom.test_queries, dom.test_qrels
-        else:
-            queries, qrels = exp.instance_queries[(part, d)]
-        qids = list(queries)
-        lexical, stats = exp.lexical[d].search_with_stats([queries[q] for q in qids], DEPTH, qids)
-        out[d] = QuerySet(
-            d,
-            qids,
-            qrels,
-            exp.member_embeddings(part, d, members),
-            dom.index,
-            lexical,
-            labelled=part == "test" or specs[d].train != "corpus",
-            lexical_stats=stats,
-        )
-    return out
-
-
 def run_pool(
     exp: Experiment, train_inst: list, rule: Rule
-) -> tuple[dict[str, Any], dict[str, tuple[Policy, float, Normalisation]]]:
+) -> tuple[dict[str, Any], dict[str, tuple[Policy, float, Normalisation, float | None]]]:
     """Every candidate's dev and test rows, the chosen default, and its zero-shot and growth rows;
-    also each family's chosen policy (over every expert), dense weight and normalisation, to
-    save; the default's family is ``report["default"]["family"]``."""
+    also each family's chosen policy (over every expert), dense weight, normalisation and base
+    queries' dense weight, to save; the default's family is ``report["default"]["family"]``."""
     cfg = exp.cfg
     experts = exp.experts
     members = [BASE, *experts]
@@ -394,6 +335,11 @@ def run_pool(
     lib = library(experts, seen)
     cands = candidate_grid(rule, cfg.normalisations)
     evaluate_candidates(cands, lib, dev, {d: test[d] for d in seen})
+    # Gated per corpus: declined queries get base + BM25 exactly as dev chose it.
+    base_choice = choose([c for c in cands if c.family == "base"], labelled)[0]
+    scoped = corpus_gated_grid(rule, base_choice.alpha, cfg.normalisations)
+    evaluate_candidates(scoped, lib, dev, {d: test[d] for d in seen})
+    cands += scoped
     best, per_family = choose(cands, labelled)
     default, margin = lead_or_base(best, per_family["base"], labelled or seen, cfg.min_lead_se)
     declines_all = set(experts) <= set(getattr(default.make(lib), "decline", ()))
@@ -419,17 +365,22 @@ def run_pool(
         for d in [*seen, *unseen]:
             pool = [e for e in experts if e != d]
             zpolicy = c.make(library(pool, [x for x in seen if x != d]))
-            out[d] = float(run_policy(zpolicy, c.alpha, test[d], c.how)[0].mean())
+            out[d] = float(run_policy(zpolicy, c.alpha, test[d], c.how, c.base_alpha)[0].mean())
         return out
 
     zero = zero_shot(default)
     gates = []
     for c in per_family.values():
         if c.fits_dev:
+            fitted = c.make(lib)
+            scope = getattr(fitted, "scope", None)
             gates.append(
                 {
                     "name": c.name,
-                    "declined": list(getattr(c.make(lib), "decline", ())),
+                    "declined": list(getattr(fitted, "decline", ())),
+                    "kept_on": None
+                    if scope is None
+                    else {e: list(v) for e, v in scope.experts.items()},
                     "zero_shot": zero if c is default else zero_shot(c),
                 }
             )
@@ -437,7 +388,11 @@ def run_pool(
     for m in range(1, len(experts) + 1):
         gpolicy = default.make(library(experts[:m], seen[:m]))
         per = {
-            d: float(run_policy(gpolicy, default.alpha, test[d], default.how)[0].mean())
+            d: float(
+                run_policy(gpolicy, default.alpha, test[d], default.how, default.base_alpha)[
+                    0
+                ].mean()
+            )
             for d in seen
         }
         growth.append({"experts": experts[:m], "average": float(np.mean(list(per.values())))})
@@ -454,6 +409,7 @@ def run_pool(
                 "name": c.name,
                 "family": c.family,
                 "alpha": c.alpha,
+                "base_alpha": c.base_alpha,
                 "normalise": c.how,
                 "cost": c.cost,
                 "dev": c.dev,
@@ -472,6 +428,7 @@ def run_pool(
             "name": default.name,
             "family": default.family,
             "alpha": default.alpha,
+            "base_alpha": default.base_alpha,
             "normalise": default.how,
             "per_domain": default.test,
             "average": float(np.mean(list(default.test.values()))),
@@ -487,4 +444,4 @@ def run_pool(
         "gates": gates,
         "base_fused": {"name": base_fused.name, "per_domain": base_all},
     }
-    return report, {f: (c.make(lib), c.alpha, c.how) for f, c in per_family.items()}
+    return report, {f: (c.make(lib), c.alpha, c.how, c.base_alpha) for f, c in per_family.items()}

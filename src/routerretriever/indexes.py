@@ -110,13 +110,14 @@ def hybrid_search(
     emb: np.ndarray,
     texts: Sequence[str],
     k: int,
-    alpha: float,
+    alpha: float | Sequence[float],
     how: Normalisation = "minmax",
     depth: int = 100,
     exclude_ids: Sequence[str | None] | None = None,
 ) -> list[Hits]:
     """Each side's top ``max(k, depth)`` for the query vectors ``emb`` and the query ``texts``,
-    fused by :func:`fuse_lists` (with the corpus-wide moments when ``how`` is ``"zscore"``)."""
+    fused by :func:`fuse_lists` at dense weight ``alpha`` (one, or one per query), with the
+    corpus-wide moments when ``how`` is ``"zscore"``."""
     kk = max(k, depth)
     dense = index.search(emb, kk, exclude_ids=exclude_ids)
     if how == "zscore":

@@ -20,17 +20,17 @@ import json
 import logging
 import random
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from routerretriever.encoder import BASE, Encoder
+from routerretriever.evaluation import evaluate
 from routerretriever.files import atomic_write, default_cache_dir
-from routerretriever.index import FaissIndex
+from routerretriever.index import FaissIndex, VectorIndex
 from routerretriever.pilots import DomainInstances, PilotLibrary, build_pilots
-from routerretriever.retriever import per_query_ndcg
 from routerretriever.runtime import Backend
 
 logger = logging.getLogger(__name__)
@@ -187,3 +187,29 @@ def build_pilot_library(
         raise ValueError("no domains: the pilot library needs domain instances")
     scorer = InstanceScorer(encoder, **scorer_options)  # type: ignore[arg-type]
     return build_pilots([scorer.instances(d, names) for d in domains], names)
+
+
+def per_query_ndcg(
+    encoder: Encoder,
+    model: str,
+    index: VectorIndex,
+    queries: Mapping[str, str],
+    qrels: Mapping[str, Mapping[str, int]],
+    batch_size: int = 32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """nDCG@10 of each query (0 when it has no hits) with ``model`` (an expert name or ``BASE``).
+
+    Returns the scores ``(n,)`` in ``queries`` order and the query embeddings ``(n, d)``. This is
+    what the pilot library and the oracles are built from.
+    """
+    qids = list(queries)
+    emb = encoder.encode(
+        [queries[q] for q in qids],
+        experts=None if model == BASE else model,
+        batch_size=batch_size,
+        show_progress=False,
+    )
+    hits = index.search(emb, 10, exclude_ids=qids)
+    run = {q: dict(h) for q, h in zip(qids, hits, strict=True)}
+    per = evaluate({q: dict(r) for q, r in qrels.items()}, run, ["ndcg@10"]).per_query
+    return np.array([per.get(q, {}).get("ndcg@10", 0.0) for q in qids]), emb

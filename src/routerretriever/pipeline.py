@@ -35,8 +35,15 @@ def run_experiment(config: str | Path, rule: Rule | None = None) -> Path:
     res["pool"], systems = run_pool(exp, exp.instances("train"), res["rule"])
     # The default system travels: experts, routing policy and BM25 settings in one folder
     # (each family's choice too, under routers/, for benchmarks/route_speed.py).
-    for family, (policy, alpha, how) in systems.items():
-        rr = RouterRetriever(exp.encoder, policy=policy, alpha=alpha, bm25=cfg.bm25, normalise=how)
+    for family, (policy, alpha, how, base_alpha) in systems.items():
+        rr = RouterRetriever(
+            exp.encoder,
+            policy=policy,
+            alpha=alpha,
+            bm25=cfg.bm25,
+            normalise=how,
+            base_alpha=base_alpha,
+        )
         rr.save(cfg.results / "routers" / family)
         if family == res["pool"]["default"]["family"]:
             rr.save(cfg.results / "router")

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from routerretriever.corpora import CorpusScope, CorpusSketch
 from routerretriever.errors import ModelError
 from routerretriever.files import atomic_write
 from routerretriever.pilots import PilotLibrary
@@ -63,12 +64,14 @@ def _softmax_top(pred: np.ndarray, temperature: float, top: int) -> np.ndarray:
 class PilotPolicy:
     """One expert by the pilot library (``rule`` as in :func:`routerretriever.router.route`),
     with ``base_mix`` of the weight moved onto the base model's vector; a query whose expert is
-    in ``decline`` goes to the base model alone."""
+    in ``decline`` goes to the base model alone. With a ``scope``, the policy is for no corpus
+    in particular: :meth:`on_corpus` gives the one to route with on a given corpus."""
 
     pilots: PilotLibrary
     rule: Rule = "weighted"
     base_mix: float = 0.0
     decline: tuple[str, ...] = ()
+    scope: CorpusScope | None = None
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -83,7 +86,18 @@ class PilotPolicy:
     @property
     def members(self) -> list[str]:
         pool = list(self.pilots.experts)
-        return pool if BASE in pool or not (self.base_mix or self.decline) else [*pool, BASE]
+        hedged = self.base_mix or self.decline or self.scope is not None
+        return pool if BASE in pool or not hedged else [*pool, BASE]
+
+    def on_corpus(self, corpus: CorpusSketch) -> PilotPolicy:
+        """This policy as it routes queries searched against ``corpus``: every expert its scope
+        does not allow there is declined too (no scope: this policy itself)."""
+        if self.scope is None:
+            return self
+        out = [e for e in self.scope.excluded(corpus) if e in self.pilots.experts]
+        return PilotPolicy(
+            self.pilots, self.rule, self.base_mix, tuple(dict.fromkeys([*self.decline, *out]))
+        )
 
     @property
     def layers(self) -> int | None:
@@ -114,12 +128,13 @@ class PilotPolicy:
 
     def save(self, folder: Path) -> dict[str, Any]:
         self.pilots.save(folder / "pilots")
-        return {
+        spec = {
             "kind": "pilots",
             "rule": self.rule,
             "base_mix": self.base_mix,
             "decline": list(self.decline),
         }
+        return spec | ({"scope": self.scope.to_json()} if self.scope is not None else {})
 
 
 @dataclass
@@ -214,15 +229,45 @@ def declined_experts(
     return tuple(out)
 
 
+def scoped_declines(
+    routed: Sequence[str],
+    gains: np.ndarray,
+    corpora: Sequence[str],
+    experts: Sequence[str],
+    level: float = 0.05,
+) -> dict[str, tuple[str, ...]]:
+    """:func:`declined_experts` on each corpus's instances apart (``corpora[i]``: the corpus
+    instance ``i`` was searched against): corpus name -> the experts declined there.
+
+    An expert's gain is evidence about the corpus it was measured on: on the paper's pool,
+    SciFact's expert gains on SciFact's corpus and, routed MED's queries, costs MED's two points
+    (docs/results.md). Pooled, the first hides the second; apart, each corpus keeps only what
+    paid on it, and a corpus with no evidence keeps nothing.
+    """
+    corpora_arr = np.asarray(corpora)
+    routed_arr = np.asarray(routed)
+    gains = np.asarray(gains, dtype=np.float64)
+    if not corpora_arr.shape == routed_arr.shape == gains.shape:
+        raise ValueError("routed, gains and corpora differ in length")
+    return {
+        str(c): declined_experts(
+            routed_arr[corpora_arr == c], gains[corpora_arr == c], experts, level
+        )
+        for c in dict.fromkeys(corpora_arr.tolist())
+    }
+
+
 def load_policy(folder: Path, spec: dict[str, Any]) -> PilotPolicy | NeighbourPolicy:
     """Inverse of a policy's ``save``: ``spec`` is what it returned."""
     kind = spec.get("kind")
     if kind == "pilots":
+        scope = spec.get("scope")
         return PilotPolicy(
             PilotLibrary.load(folder / "pilots"),
             spec["rule"],
             spec["base_mix"],
             tuple(spec.get("decline", ())),
+            None if scope is None else CorpusScope.from_json(scope),
         )
     if kind == "neighbours":
         from safetensors.numpy import load_file

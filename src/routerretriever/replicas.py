@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
+    from routerretriever.corpora import CorpusScope
     from routerretriever.fusion import Normalisation
     from routerretriever.lexical import BM25Config
     from routerretriever.retriever import RoutingPrecision
@@ -49,6 +50,8 @@ class ServeSpec:
     base_mix: float = 0.0
     normalise: Normalisation = "minmax"
     decline: list[str] = field(default_factory=list)
+    base_alpha: float | None = None  # a saved router's dense weight for base-only queries
+    scope: CorpusScope | None = None  # a saved router's corpora per expert
     runtime: Backend = "auto"  # what embeds the documents
     bm25: BM25Config | None = None  # None: the defaults
     limits: tuple[int, int, int] = (64, 2000, 100)  # queries, characters, k
@@ -95,6 +98,8 @@ def build_app(spec: ServeSpec) -> Any:
         base_mix=spec.base_mix,
         normalise=spec.normalise,
         decline=spec.decline,
+        base_alpha=spec.base_alpha,
+        scope=spec.scope,
         runtime=spec.runtime,
         bm25=spec.bm25,
     )

@@ -219,8 +219,18 @@ def _pool_section(pool: dict[str, Any], seen: list[str], unseen: list[str]) -> l
             "paired t-test at p < 0.05; its queries otherwise get the base model's vector, which "
             "costs no expert pass. Dev scores of gated families are cross-fitted (every dev set "
             f"in {pool.get('folds', 2)} folds, each scored by the gate fitted on the others). "
+            "Gated per corpus: the same test on each domain's dev instances apart; an expert is "
+            "kept only on the corpora where it passed, elsewhere (unseen corpora included) its "
+            "queries get base + BM25 at the base family's weight. "
             "Declined, fitted on all dev: "
             + "; ".join(f"{g['name']}: {', '.join(g['declined']) or 'none'}" for g in gates)
+            + ". Kept per corpus: "
+            + "; ".join(
+                f"{g['name']}: "
+                + (", ".join(f"{e} on {'/'.join(cs)}" for e, cs in g["kept_on"].items()) or "none")
+                for g in gates
+                if g.get("kept_on") is not None
+            )
             + ".",
             "",
         ]

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from routerretriever.config import check_table, settings_from
+from routerretriever.corpora import CorpusScope, CorpusSketch
 from routerretriever.data import BeirDataset, Corpus, Document, Run
 from routerretriever.devices import has_fast_bfloat16
 from routerretriever.encoder import BASE, Encoder, EncoderSettings
@@ -156,6 +157,7 @@ MANIFEST_TYPES: dict[str, Any] = {
     "routerretriever": str,
     "policy": dict[str, Any] | None,
     "alpha": float,
+    "base_alpha": float,
     "normalise": str,
     "bm25": dict[str, Any],
     "routing_precision": str,
@@ -176,7 +178,11 @@ class RouterRetriever(DenseRetriever):
     member it uses, in one mixed batch, and searches the shared index once with the weighted sum
     of those vectors (exact score fusion, since documents are embedded by the base model only).
     With ``alpha < 1`` the dense ranking is fused with BM25's (each list normalised as
-    ``normalise`` says, ``alpha`` on the dense side; :func:`routerretriever.fusion.fuse_scores`).
+    ``normalise`` says, ``alpha`` on the dense side; :func:`routerretriever.fusion.fuse_scores`);
+    ``base_alpha`` (default: ``alpha``) is the dense weight of a query routed to the base model
+    alone, so a declined expert leaves exactly base + BM25 as chosen for it. A policy scoped to
+    corpora (:meth:`routerretriever.policy.PilotPolicy.on_corpus`) routes as the indexed corpus
+    allows.
 
     Step 1 only has to route, so it can run cheaper than step 2:
     ``routing_precision="auto"`` (default) runs it in bfloat16 where the hardware does so
@@ -208,6 +214,7 @@ class RouterRetriever(DenseRetriever):
         bm25: BM25Config | None = None,
         routing_precision: RoutingPrecision = "auto",
         normalise: Normalisation = "minmax",
+        base_alpha: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(encoder, **kwargs)
@@ -217,6 +224,8 @@ class RouterRetriever(DenseRetriever):
             assert pilots is not None
             policy = PilotPolicy(pilots, rule)
         self.policy: Policy = policy
+        #: the policy as it routes on the indexed corpus (see :meth:`index_corpus`)
+        self.active_policy: Policy = policy
         missing = [e for e in policy.members if e != BASE and e not in encoder.experts]
         if missing:
             raise ValueError(
@@ -231,11 +240,13 @@ class RouterRetriever(DenseRetriever):
             raise ValueError(
                 f"routing_precision must be 'auto', 'float32' or 'bfloat16', got {routing_precision!r}"
             )
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha (the dense side's weight) must be in [0, 1], got {alpha}")
+        for name, a in (("alpha", alpha), ("base_alpha", base_alpha)):
+            if a is not None and not 0.0 <= a <= 1.0:
+                raise ValueError(f"{name} (the dense side's weight) must be in [0, 1], got {a}")
         if normalise not in NORMALISATIONS:
             raise ValueError(f"normalise must be one of {list(NORMALISATIONS)}, got {normalise!r}")
         self.alpha = float(alpha)
+        self.base_alpha = self.alpha if base_alpha is None else float(base_alpha)
         self.normalise: Normalisation = normalise
         self.bm25 = bm25 or BM25Config()
         self.lexical: BM25Index | None = None
@@ -258,7 +269,10 @@ class RouterRetriever(DenseRetriever):
     def index_corpus(self, corpus: Corpus) -> None:
         """Embed and index the corpus; with ``alpha < 1`` also its BM25 index (cached likewise)."""
         super().index_corpus(corpus)
-        if self.alpha < 1.0:
+        on_corpus = getattr(self.policy, "on_corpus", None)
+        if on_corpus is not None:
+            self.active_policy = on_corpus(CorpusSketch.of(corpus))
+        if min(self.alpha, self.base_alpha) < 1.0:
             self.lexical = (
                 BM25Index.cached(corpus, self.bm25, self.cache_dir)
                 if self.use_cache
@@ -274,19 +288,18 @@ class RouterRetriever(DenseRetriever):
     ) -> tuple[np.ndarray, list[RouteDecision]]:
         """Final query embeddings ``(n, dim)`` and the routing decision of each query."""
         bs = batch_size or self.batch_size
-        layers = getattr(self.policy, "layers", None)
+        policy = self.active_policy
+        layers = getattr(policy, "layers", None)
         same_space = layers is None or layers == self.encoder.num_layers
         # A policy that sends every query to the base model alone needs no cheaper routing
         # pass: one exact pass is both the routing pass and the answer.
-        dtype = (
-            None if same_space and getattr(self.policy, "base_only", False) else self.routing_dtype
-        )
+        dtype = None if same_space and getattr(policy, "base_only", False) else self.routing_dtype
         ids = self.encoder.tokenize(texts)  # once, for both passes
         routing = self.encoder.encode_tokens(
             ids, batch_size=bs, layers=layers, dtype=dtype
         )  # (n, d)
-        weights, scores = self.policy.weights(routing)  # (n, m), (n, m)
-        members = self.policy.members
+        weights, scores = policy.weights(routing)  # (n, m), (n, m)
+        members = policy.members
         exact = same_space and dtype is None
 
         def plain(m: str) -> bool:  # the base model's own embedding
@@ -311,11 +324,18 @@ class RouterRetriever(DenseRetriever):
                 members[int(weights[i].argmax())],
                 {m: float(v) for m, v in zip(members, scores[i], strict=True) if np.isfinite(v)},
                 {m: float(w) for m, w in zip(members, weights[i], strict=True) if w > 0},
-                round(1.0 - self.alpha, 6),
+                round(1.0 - self.query_alpha(members, weights[i]), 6),
             )
             for i in range(len(texts))
         ]
         return out, decisions
+
+    def query_alpha(self, members: Sequence[str], weights: np.ndarray) -> float:
+        """The dense weight of a query with member ``weights``: ``base_alpha`` if all of it is
+        on the base model, else ``alpha``."""
+        base = [j for j, m in enumerate(members) if m == BASE]
+        alone = bool(base) and weights[base[0]] >= 1.0 - 1e-9
+        return self.base_alpha if alone else self.alpha
 
     def encode_queries(
         self, queries: Sequence[str], batch_size: int | None = None, **kwargs: Any
@@ -333,7 +353,8 @@ class RouterRetriever(DenseRetriever):
         qids = list(queries)
         texts = [queries[q] for q in qids]
         emb, decisions = self.route_and_encode(texts, None)
-        if self.alpha >= 1.0:
+        alphas = [1.0 - d.lexical_weight for d in decisions]
+        if min(alphas, default=1.0) >= 1.0:
             hits = self.index.search(emb, k, exclude_ids=qids)
         elif self.lexical is None:
             raise RuntimeError("no BM25 index: call index_corpus(corpus) first")
@@ -344,7 +365,7 @@ class RouterRetriever(DenseRetriever):
                 emb,
                 texts,
                 k,
-                self.alpha,
+                alphas,
                 self.normalise,
                 FUSION_DEPTH,
                 qids,
@@ -375,6 +396,7 @@ class RouterRetriever(DenseRetriever):
                 "routerretriever": __version__,
                 "policy": policy,
                 "alpha": self.alpha,
+                "base_alpha": self.base_alpha,
                 "normalise": self.normalise,
                 "bm25": asdict(self.bm25),
                 "routing_precision": self.routing_precision,
@@ -391,7 +413,8 @@ class RouterRetriever(DenseRetriever):
     def serving_settings(path: str | Path) -> dict[str, Any]:
         """What a server needs to serve a saved pilots router as the experiment chose it, read
         from its ``router.json`` without loading any model: ``alpha``, ``normalise``, ``bm25``
-        (a :class:`BM25Config`), ``rule``, ``base_mix`` and ``decline``. The server builds its
+        (a :class:`BM25Config`), ``rule``, ``base_mix``, ``decline``, ``base_alpha`` and
+        ``scope`` (a :class:`routerretriever.corpora.CorpusScope` or ``None``). The server builds its
         own pilots from its domains; a router of another kind (k-NN) cannot be served so."""
         manifest_file = Path(path) / "router.json"
         if not manifest_file.is_file():
@@ -409,7 +432,13 @@ class RouterRetriever(DenseRetriever):
                 "rule": str(policy.get("rule", "weighted")),
                 "base_mix": float(policy.get("base_mix", 0.0)),
                 "decline": [str(n) for n in policy.get("decline", [])],
+                "base_alpha": manifest.get("base_alpha"),
+                "scope": None
+                if policy.get("scope") is None
+                else CorpusScope.from_json(policy["scope"]),
             }
+            if out["base_alpha"] is not None:
+                out["base_alpha"] = float(out["base_alpha"])
             kind = policy.get("kind")
         except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
             raise ModelError(f"{manifest_file}: cannot read the saved router ({e})") from None
@@ -461,34 +490,9 @@ class RouterRetriever(DenseRetriever):
             load_expert(encoder, path / "experts" / name, name)
         kwargs.setdefault("routing_precision", manifest.get("routing_precision", "auto"))
         kwargs.setdefault("alpha", float(manifest.get("alpha", 1.0)))
+        kwargs.setdefault("base_alpha", manifest.get("base_alpha"))  # absent before: alpha
         kwargs.setdefault("normalise", normalise)
         try:
             return cls(encoder, policy=policy, bm25=bm25, **kwargs)
         except ValueError as e:  # a saved alpha or routing precision out of range
             raise ModelError(f"{manifest_file}: cannot use the saved router ({e})") from None
-
-
-def per_query_ndcg(
-    encoder: Encoder,
-    model: str,
-    index: VectorIndex,
-    queries: Mapping[str, str],
-    qrels: Mapping[str, Mapping[str, int]],
-    batch_size: int = 32,
-) -> tuple[np.ndarray, np.ndarray]:
-    """nDCG@10 of each query (0 when it has no hits) with ``model`` (an expert name or ``BASE``).
-
-    Returns the scores ``(n,)`` in ``queries`` order and the query embeddings ``(n, d)``. This is
-    what the pilot library and the oracles are built from.
-    """
-    qids = list(queries)
-    emb = encoder.encode(
-        [queries[q] for q in qids],
-        experts=None if model == BASE else model,
-        batch_size=batch_size,
-        show_progress=False,
-    )
-    hits = index.search(emb, 10, exclude_ids=qids)
-    run = {q: dict(h) for q, h in zip(qids, hits, strict=True)}
-    per = evaluate({q: dict(r) for q, r in qrels.items()}, run, ["ndcg@10"]).per_query
-    return np.array([per.get(q, {}).get("ndcg@10", 0.0) for q in qids]), emb

@@ -267,6 +267,8 @@ def _serve_replicas(args: argparse.Namespace, api_key: str | None, admin: bool) 
         base_mix=args.base_mix,
         normalise=args.normalise,
         decline=list(args.decline),
+        base_alpha=args.base_alpha,
+        scope=args.scope,
         runtime=args.backend,
         bm25=args.bm25,
         limits=(args.max_queries, args.max_query_chars, args.max_k),
@@ -319,6 +321,7 @@ def resolve_settings(args: argparse.Namespace) -> None:
         for k, v in saved.items():
             setattr(args, k, v)
         return
+    args.base_alpha = args.scope = None  # only a saved router sets them
     for k, v in SERVE_DEFAULTS.items():
         if getattr(args, k) is None:
             setattr(args, k, list(v) if isinstance(v, list) else v)
@@ -376,6 +379,8 @@ def open_engine(args: argparse.Namespace) -> Engine:
         base_mix=args.base_mix,
         normalise=args.normalise,
         decline=args.decline,
+        base_alpha=args.base_alpha,
+        scope=args.scope,
         runtime=args.backend,
         bm25=args.bm25,
     )

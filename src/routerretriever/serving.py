@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from routerretriever.batching import RequestError, SearchResult
+from routerretriever.corpora import CorpusScope, CorpusSketch
 from routerretriever.data import Corpus
 from routerretriever.encoder import BASE, Encoder
 from routerretriever.errors import ModelError
@@ -119,14 +120,16 @@ class Engine:
         normalise: Normalisation = "minmax",
         lexical: LexicalIndex | None = None,
         decline: Sequence[str] = (),
+        base_alpha: float | None = None,
         runtime: Backend = "auto",
         before_commit: Callable[[], None] | None = None,
     ) -> None:
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha (the dense side's weight) must be in [0, 1], got {alpha}")
+        for name, a in (("alpha", alpha), ("base_alpha", base_alpha)):
+            if a is not None and not 0.0 <= a <= 1.0:
+                raise ValueError(f"{name} (the dense side's weight) must be in [0, 1], got {a}")
         if not 0.0 <= base_mix <= 1.0:
             raise ValueError(f"base_mix must be in [0, 1], got {base_mix}")
-        if alpha < 1.0 and lexical is None:
+        if min(alpha, alpha if base_alpha is None else base_alpha) < 1.0 and lexical is None:
             raise ValueError("alpha < 1 fuses BM25: give a lexical index (see lexical_index)")
         if normalise not in NORMALISATIONS:
             raise ValueError(f"normalise must be one of {list(NORMALISATIONS)}, got {normalise!r}")
@@ -135,6 +138,8 @@ class Engine:
         #: What embeds documents (:mod:`routerretriever.runtime`), as the index was embedded.
         self.runtime: Backend = runtime
         self.alpha, self.base_mix, self.lexical = float(alpha), float(base_mix), lexical
+        #: dense weight of a query routed to the base model alone (a saved router's)
+        self.base_alpha = self.alpha if base_alpha is None else float(base_alpha)
         self.normalise: Normalisation = normalise
         #: Experts whose routed queries get the base model instead (the experiment's gate, e.g.
         #: a saved router's ``decline``); a name not served now is kept for when it is.
@@ -184,19 +189,26 @@ class Engine:
         alpha: float = 1.0,
         lexical: LexicalIndex | None = None,
         runtime: Backend = "auto",
+        scope: CorpusScope | None = None,
         **options: Any,
     ) -> Engine:
         """Index ``corpus`` (unless ``index`` is given) and serve ``experts`` (folders relative to
         the store) when given, which then replace the saved set; else the experts of the last run
         (``STORE/.served.json``); else none. With ``alpha < 1`` the dense ranking is fused with
         BM25 (``bm25`` settings; see :func:`routerretriever.store.lexical_index`). ``runtime``
-        embeds the documents; ``options`` are :class:`Engine`'s other keyword arguments."""
+        embeds the documents; a saved router's ``scope`` declines, on top of ``decline``, the
+        experts it keeps only on other corpora (:class:`routerretriever.corpora.CorpusScope`);
+        ``options`` are :class:`Engine`'s other keyword arguments."""
         if index is None:
             index = corpus_index(
                 encoder, corpus, cache_dir=cache_dir, batch_size=batch_size, runtime=runtime
             )
-        if alpha < 1.0 and lexical is None:
+        base_alpha = options.get("base_alpha")
+        if min(alpha, alpha if base_alpha is None else base_alpha) < 1.0 and lexical is None:
             lexical = lexical_index(index, corpus, bm25, cache_dir)
+        if scope is not None:
+            out = scope.excluded(CorpusSketch.of(corpus))
+            options["decline"] = [*options.get("decline", ()), *out]
         engine = cls(
             encoder,
             store,
@@ -272,15 +284,16 @@ class Engine:
             router = self._router
             if router is None:
                 emb = self.encoder.encode(texts, batch_size=self.batch_size, show_progress=False)
-                lexical_weight = round(1.0 - self.alpha, 6)
+                lexical_weight = round(1.0 - self.base_alpha, 6)
                 decisions = [RouteDecision(BASE, {}, {BASE: 1.0}, lexical_weight) for _ in texts]
             else:
                 emb, decisions = router.route_and_encode(texts)
-        if self.lexical is None or self.alpha >= 1.0:
+        alphas = [1.0 - d.lexical_weight for d in decisions]  # as each query was routed
+        if self.lexical is None or min(alphas) >= 1.0:
             hits = self.index.search(emb, k)
         else:  # each side's top FUSION_DEPTH, fused by normalised score
             hits = hybrid_search(
-                self.index, self.lexical, emb, texts, k, self.alpha, self.normalise, FUSION_DEPTH
+                self.index, self.lexical, emb, texts, k, alphas, self.normalise, FUSION_DEPTH
             )
         return [
             SearchResult(h, d.expert, d.scores, d.members, d.lexical_weight)
@@ -468,6 +481,7 @@ class Engine:
                     lib, self.rule, self.base_mix, tuple(n for n in self.decline if n in names)
                 ),
                 alpha=self.alpha,
+                base_alpha=self.base_alpha,
                 normalise=self.normalise,
                 routing_precision=self.routing_precision,
                 batch_size=self.batch_size,
