@@ -25,6 +25,7 @@ SOURCES = ["beir/scifact", "beir/nfcorpus", "classic/cranfield", "classic/cisi",
 
 def main() -> None:
     from routerretriever import Encoder, load_corpus, load_queries
+    from routerretriever.corpora import CorpusSketch
     from routerretriever.experts import load_expert
     from routerretriever.lexical import BM25Index
     from routerretriever.pilots import PilotLibrary
@@ -92,6 +93,9 @@ def main() -> None:
         for rr in saved.values():
             if rr.alpha < 1 and rr.bm25 not in lexical:
                 lexical[rr.bm25] = BM25Index.build(bm25_corpus, rr.bm25)
+            on_corpus = getattr(rr.policy, "on_corpus", None)
+            if on_corpus is not None:  # a router scoped to corpora routes as on the searched one
+                rr.active_policy = on_corpus(CorpusSketch.of(bm25_corpus))
     enc.encode(texts[:64], batch_size=args.batch_size, show_progress=False)  # warm-up
 
     times: dict[str, list[float]] = collections.defaultdict(list)

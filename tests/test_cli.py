@@ -180,6 +180,17 @@ def test_serve_takes_a_saved_routers_settings_or_its_own_flags_not_both(tmp_path
     assert resolved("--alpha", "0.9", "--decline", "x").alpha == 0.9
     with pytest.raises(RouterRetrieverError, match="--router sets --alpha, --decline"):
         resolved("--router", str(router), "--alpha", "0.9", "--decline", "x")
+    assert args.base_alpha is None and args.scope is None and plain.scope is None
+    # A router gated per corpus brings its scope and its base queries' dense weight.
+    scope = {"corpora": {"c": {"size": 1, "hashes": ["00000000000000ff"]}}, "experts": {"a": ["c"]}}
+    scoped = {**manifest, "base_alpha": 0.5, "policy": {**policy, "scope": scope}}
+    (router / "router.json").write_text(json.dumps(scoped))
+    args = resolved("--router", str(router))
+    assert args.base_alpha == 0.5 and args.scope.experts == {"a": ("c",)}
+    bad = {**scoped, "policy": {**policy, "scope": {**scope, "experts": {"a": ["nowhere"]}}}}
+    (router / "router.json").write_text(json.dumps(bad))
+    with pytest.raises(ModelError, match="cannot read the saved router"):
+        resolved("--router", str(router))
     (router / "router.json").write_text(json.dumps({**manifest, "policy": {"kind": "neighbours"}}))
     with pytest.raises(ModelError, match="only a pilots router's settings can be served"):
         resolved("--router", str(router))

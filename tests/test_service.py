@@ -1063,3 +1063,44 @@ def test_the_server_parses_http_with_httptools_and_keeps_the_header_guard():
     proto = guarded_http_protocol(3.0)
     assert issubclass(proto, HttpToolsProtocol)
     assert "_head_overdue" in vars(proto)  # the half-open connection guard is still there
+
+
+@pytest.mark.parametrize("here", [True, False])
+def test_a_saved_scope_declines_on_the_served_corpus_what_it_keeps_only_elsewhere(
+    svc_encoder, store_src, tmp_path, here
+):
+    from routerretriever.corpora import CorpusScope, CorpusSketch
+    from routerretriever.data import Document
+    from routerretriever.encoder import BASE
+
+    corpus = load_beir(TINY).corpus
+    sketch = CorpusSketch.of(corpus if here else {"x": Document("another corpus")})
+    store = tmp_path / "store"
+    shutil.copytree(store_src, store)
+    engine = Engine.open(
+        svc_encoder,
+        store,
+        corpus,
+        DOMAINS,
+        experts=["alpha"],
+        cache_dir=tmp_path / "c",
+        routing_precision="float32",
+        alpha=0.8,
+        base_alpha=0.4,
+        scope=CorpusScope({"c": sketch}, {"alpha": ("c",)}),
+    )
+    try:
+        with TestClient(create_app(engine, limits=Limits(4, 200, 20))) as c:
+            (info,) = c.get("/experts").json()["experts"]
+            assert info["declined"] is not here
+            r = c.post("/search", json={"queries": ["protein folding", "solar wind"], "k": 3})
+            assert r.status_code == 200
+            for res in r.json()["results"]:
+                if here:
+                    assert res["expert"] == "alpha" and res["lexical_weight"] == pytest.approx(0.2)
+                else:  # base + BM25 at the saved router's base_alpha
+                    assert res["members"] == {BASE: 1.0}
+                    assert res["lexical_weight"] == pytest.approx(0.6)
+    finally:
+        for name in svc_encoder.experts:
+            svc_encoder.remove_adapter(name)

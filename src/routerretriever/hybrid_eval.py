@@ -95,6 +95,8 @@ def gated_maker(
         gain = np.concatenate(gains) if gains else np.zeros(0)
         if base_alpha is None:
             return PilotPolicy(pilots, rule, base_mix, declined_experts(routed, gain, lib.experts))
+        if any(qs.corpus is None for qs in lib.dev):
+            raise ValueError("a gate per corpus needs each dev set's corpus (QuerySet.corpus)")
         per = scoped_declines(routed, gain, corpora, lib.experts)
         kept = {e: tuple(c for c, out in per.items() if e not in out) for e in lib.experts}
         sketches = {qs.domain: qs.corpus for qs in lib.dev if qs.corpus is not None}

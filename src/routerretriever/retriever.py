@@ -179,10 +179,8 @@ class RouterRetriever(DenseRetriever):
     of those vectors (exact score fusion, since documents are embedded by the base model only).
     With ``alpha < 1`` the dense ranking is fused with BM25's (each list normalised as
     ``normalise`` says, ``alpha`` on the dense side; :func:`routerretriever.fusion.fuse_scores`);
-    ``base_alpha`` (default: ``alpha``) is the dense weight of a query routed to the base model
-    alone, so a declined expert leaves exactly base + BM25 as chosen for it. A policy scoped to
-    corpora (:meth:`routerretriever.policy.PilotPolicy.on_corpus`) routes as the indexed corpus
-    allows.
+    a query on the base model alone is fused at ``base_alpha`` (default ``alpha``). A policy
+    scoped to corpora routes as the indexed corpus allows (``PilotPolicy.on_corpus``).
 
     Step 1 only has to route, so it can run cheaper than step 2:
     ``routing_precision="auto"`` (default) runs it in bfloat16 where the hardware does so
@@ -319,23 +317,27 @@ class RouterRetriever(DenseRetriever):
             )
             for (i, w, _), e in zip(rows, emb, strict=True):
                 out[i] += w * e
-        decisions = [
-            RouteDecision(
-                members[int(weights[i].argmax())],
-                {m: float(v) for m, v in zip(members, scores[i], strict=True) if np.isfinite(v)},
-                {m: float(w) for m, w in zip(members, weights[i], strict=True) if w > 0},
-                round(1.0 - self.query_alpha(members, weights[i]), 6),
+        decisions = []
+        for i in range(len(texts)):
+            used = {m: float(w) for m, w in zip(members, weights[i], strict=True) if w > 0}
+            decisions.append(
+                RouteDecision(
+                    members[int(weights[i].argmax())],
+                    {
+                        m: float(v)
+                        for m, v in zip(members, scores[i], strict=True)
+                        if np.isfinite(v)
+                    },
+                    used,
+                    round(1.0 - self.query_alpha(used), 6),
+                )
             )
-            for i in range(len(texts))
-        ]
         return out, decisions
 
-    def query_alpha(self, members: Sequence[str], weights: np.ndarray) -> float:
-        """The dense weight of a query with member ``weights``: ``base_alpha`` if all of it is
-        on the base model, else ``alpha``."""
-        base = [j for j, m in enumerate(members) if m == BASE]
-        alone = bool(base) and weights[base[0]] >= 1.0 - 1e-9
-        return self.base_alpha if alone else self.alpha
+    def query_alpha(self, members: Mapping[str, float]) -> float:
+        """The dense weight of a query with these member weights: ``base_alpha`` if all of it
+        is on the base model, else ``alpha``."""
+        return self.base_alpha if members.get(BASE, 0.0) >= 1.0 - 1e-9 else self.alpha
 
     def encode_queries(
         self, queries: Sequence[str], batch_size: int | None = None, **kwargs: Any
@@ -353,7 +355,7 @@ class RouterRetriever(DenseRetriever):
         qids = list(queries)
         texts = [queries[q] for q in qids]
         emb, decisions = self.route_and_encode(texts, None)
-        alphas = [1.0 - d.lexical_weight for d in decisions]
+        alphas = [self.query_alpha(d.members) for d in decisions]
         if min(alphas, default=1.0) >= 1.0:
             hits = self.index.search(emb, k, exclude_ids=qids)
         elif self.lexical is None:

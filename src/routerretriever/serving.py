@@ -288,7 +288,9 @@ class Engine:
                 decisions = [RouteDecision(BASE, {}, {BASE: 1.0}, lexical_weight) for _ in texts]
             else:
                 emb, decisions = router.route_and_encode(texts)
-        alphas = [1.0 - d.lexical_weight for d in decisions]  # as each query was routed
+        alphas = [
+            self.base_alpha if router is None else router.query_alpha(d.members) for d in decisions
+        ]
         if self.lexical is None or min(alphas) >= 1.0:
             hits = self.index.search(emb, k)
         else:  # each side's top FUSION_DEPTH, fused by normalised score
