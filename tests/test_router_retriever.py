@@ -408,8 +408,14 @@ json_values = st.recursive(
 def saved_router(setup, tmp_path_factory):
     enc, _, index, domains = setup
     insts, _ = instances(enc, index, domains, ["titles", "crops"], [BASE, "alpha"], [])
+    from routerretriever.corpora import CorpusScope, CorpusSketch
+    from routerretriever.data import Document
+    from routerretriever.policy import PilotPolicy
+
     folder = tmp_path_factory.mktemp("saved") / "rr"
-    RouterRetriever(enc, build_pilots(insts, [BASE, "alpha"]), alpha=0.5).save(folder)
+    scope = CorpusScope({"c": CorpusSketch.of({"d": Document("t")})}, {"alpha": ("c",)})
+    policy = PilotPolicy(build_pilots(insts, [BASE, "alpha"]), scope=scope)  # every field saved
+    RouterRetriever(enc, policy=policy, alpha=0.5, base_alpha=0.4).save(folder)
     return folder
 
 
