@@ -1,4 +1,4 @@
-"""Which corpus an expert was shown to help on: a small sketch of a corpus's document ids.
+"""Which corpus an expert was shown to help on: a small sketch of a corpus's documents.
 
 An expert's gate (:func:`routerretriever.policy.scoped_declines`) is evidence about queries
 searched against one corpus: on the paper's pool, SciFact's expert pays on SciFact's corpus and
@@ -21,7 +21,7 @@ import numpy as np
 
 from routerretriever.data import Corpus, Document
 
-SKETCH_SIZE = 256  # hashes kept: Jaccard estimated within about ±0.06 (one SD at J = 0.5)
+SKETCH_SIZE = 256  # hashes kept: Jaccard estimated to about ±0.03 (one SD at J = 0.5)
 SAME_CORPUS = 0.5  # estimated Jaccard from which two corpora count as one
 
 
@@ -57,7 +57,8 @@ class CorpusSketch:
         return sum(h in both for h in union) / len(union)
 
     def matches(self, other: CorpusSketch) -> bool:
-        """The same corpus, give or take additions and removals (:data:`SAME_CORPUS`)."""
+        """The same corpus, give or take some added, removed or edited documents
+        (:data:`SAME_CORPUS`)."""
         return self.similarity(other) >= SAME_CORPUS
 
     def to_json(self) -> dict[str, Any]:
