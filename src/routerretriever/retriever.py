@@ -267,9 +267,8 @@ class RouterRetriever(DenseRetriever):
     def index_corpus(self, corpus: Corpus) -> None:
         """Embed and index the corpus; with ``alpha < 1`` also its BM25 index (cached likewise)."""
         super().index_corpus(corpus)
-        on_corpus = getattr(self.policy, "on_corpus", None)
-        if on_corpus is not None:
-            self.active_policy = on_corpus(CorpusSketch.of(corpus))
+        if isinstance(self.policy, PilotPolicy) and self.policy.scope is not None:
+            self.active_policy = self.policy.on_corpus(CorpusSketch.of(corpus))
         if min(self.alpha, self.base_alpha) < 1.0:
             self.lexical = (
                 BM25Index.cached(corpus, self.bm25, self.cache_dir)
